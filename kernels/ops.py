@@ -1,0 +1,172 @@
+"""``torch.library`` ops of the ``qdiff`` namespace and their dispatch.
+
+``torch.ops.qdiff.{quantize_act, qlinear, qlinear_split, qconv2d, qconv2d_split}`` trace
+under ``torch.compile`` (each has a fake/Meta implementation) and run:
+
+* the Triton kernels on CUDA;
+* the pure-torch reference integer path on CPU;
+* the Triton kernels on CPU under the interpreter when ``QDCOMPILE_KERNELS=triton`` and
+  ``TRITON_INTERPRET=1`` are set.
+
+``QDCOMPILE_KERNELS`` = ``auto`` (default) | ``triton`` | ``reference`` chooses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import qconv, qgemm, quantize
+from .layout import QPart, check_parts
+from .qconv import conv_out_size
+
+_MODES = ("auto", "triton", "reference")
+
+
+def kernel_mode(device: torch.device) -> str:
+    """Which implementation runs on ``device``: ``"triton"`` or ``"reference"``."""
+    mode = os.environ.get("QDCOMPILE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"QDCOMPILE_KERNELS={mode!r} is not one of {_MODES}")
+    if mode == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if mode == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"QDCOMPILE_KERNELS=triton on a {device.type} tensor needs the Triton interpreter: "
+            "set TRITON_INTERPRET=1 before starting Python")
+    return mode
+
+
+def _linear_k(p: QPart) -> int:
+    return p.x.shape[-1]
+
+
+def _conv_k(kernel_size: Sequence[int]):
+    return lambda p: kernel_size[0] * kernel_size[1] * p.x.shape[1]
+
+
+def _check_conv_geometry(op: str, parts: Sequence[QPart], kernel_size, stride, padding) -> None:
+    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding)):
+        if len(v) != 2:
+            raise ValueError(f"{op}: {name} must have 2 entries, got {list(v)}")
+    if min(kernel_size) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: invalid geometry kernel_size={list(kernel_size)} stride={list(stride)} padding={list(padding)}")
+    x0 = parts[0].x
+    for i, p in enumerate(parts):
+        if p.x.dim() != 4:
+            raise ValueError(f"{op}: part {i} activation must be 4-D [B, C, H, W], got {list(p.x.shape)}")
+        if p.x.shape[0] != x0.shape[0] or p.x.shape[2:] != x0.shape[2:]:
+            raise ValueError(f"{op}: split parts must share batch and spatial size, got {list(x0.shape)} and {list(p.x.shape)}")
+    for d in (0, 1):
+        if conv_out_size(x0.shape[2 + d], kernel_size[d], stride[d], padding[d]) < 1:
+            raise ValueError(f"{op}: input {list(x0.shape)} too small for kernel {list(kernel_size)} with padding {list(padding)}")
+
+
+def _check_linear_geometry(op: str, parts: Sequence[QPart]) -> None:
+    x0 = parts[0].x
+    for i, p in enumerate(parts):
+        if p.x.dim() < 1 or p.x.shape[:-1] != x0.shape[:-1]:
+            raise ValueError(f"{op}: split parts must share leading dims, got {list(x0.shape)} and {list(p.x.shape)}")
+
+
+def run_qgemm(parts: Sequence[QPart], weight_bits: int, bias, bias_correction) -> torch.Tensor:
+    """Validate then run the linear family on the selected implementation."""
+    op = "qlinear_split" if len(parts) == 2 else "qlinear"
+    _check_linear_geometry(op, parts)
+    check_parts(op, parts, weight_bits, _linear_k, bias, bias_correction)
+    impl = qgemm.qgemm_triton if kernel_mode(parts[0].x.device) == "triton" else qgemm.qgemm_reference
+    return impl(parts, weight_bits, bias, bias_correction)
+
+
+def run_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size, stride, padding,
+                bias, bias_correction) -> torch.Tensor:
+    """Validate then run the conv family on the selected implementation."""
+    op = "qconv2d_split" if len(parts) == 2 else "qconv2d"
+    _check_conv_geometry(op, parts, kernel_size, stride, padding)
+    check_parts(op, parts, weight_bits, _conv_k(kernel_size), bias, bias_correction)
+    impl = qconv.qconv2d_triton if kernel_mode(parts[0].x.device) == "triton" else qconv.qconv2d_reference
+    return impl(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias, bias_correction)
+
+
+# ---------------------------------------------------------------- torch.library registration
+
+@torch.library.custom_op("qdiff::quantize_act", mutates_args=())
+def quantize_act_op(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+    if kernel_mode(x.device) == "triton":
+        return quantize.quantize_act_triton(x, scale, zero_point, bits)
+    return quantize.quantize_act_reference(x, scale, zero_point, bits)
+
+
+@quantize_act_op.register_fake
+def _(x, scale, zero_point, bits):
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+@torch.library.custom_op("qdiff::qlinear", mutates_args=())
+def qlinear_op(x: torch.Tensor, w: torch.Tensor, w_rowsum: torch.Tensor, w_scale: torch.Tensor,
+               act_scale: float, act_zero_point: int, act_bits: int, weight_bits: int,
+               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
+    part = QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)
+    return run_qgemm([part], weight_bits, bias, bias_correction)
+
+
+@qlinear_op.register_fake
+def _(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, bias=None, bias_correction=None):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("qdiff::qlinear_split", mutates_args=())
+def qlinear_split_op(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                     w_rowsum1: torch.Tensor, w_rowsum2: torch.Tensor, w_scale1: torch.Tensor, w_scale2: torch.Tensor,
+                     act_scale1: float, act_scale2: float, act_zero_point1: int, act_zero_point2: int,
+                     act_bits1: int, act_bits2: int, weight_bits: int,
+                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
+    parts = [QPart(x1, w1, w_rowsum1, w_scale1, act_scale1, act_zero_point1, act_bits1),
+             QPart(x2, w2, w_rowsum2, w_scale2, act_scale2, act_zero_point2, act_bits2)]
+    return run_qgemm(parts, weight_bits, bias, bias_correction)
+
+
+@qlinear_split_op.register_fake
+def _(x1, x2, w1, w2, *args, **kwargs):
+    return x1.new_empty((*x1.shape[:-1], w1.shape[0]))
+
+
+def _conv_fake(x: torch.Tensor, n: int, kernel_size, stride, padding) -> torch.Tensor:
+    oh = conv_out_size(x.shape[2], kernel_size[0], stride[0], padding[0])
+    ow = conv_out_size(x.shape[3], kernel_size[1], stride[1], padding[1])
+    return x.new_empty((x.shape[0], n, oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("qdiff::qconv2d", mutates_args=())
+def qconv2d_op(x: torch.Tensor, w: torch.Tensor, w_rowsum: torch.Tensor, w_scale: torch.Tensor,
+               act_scale: float, act_zero_point: int, act_bits: int, weight_bits: int,
+               kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
+    part = QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)
+    return run_qconv2d([part], weight_bits, kernel_size, stride, padding, bias, bias_correction)
+
+
+@qconv2d_op.register_fake
+def _(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, kernel_size, stride, padding,
+      bias=None, bias_correction=None):
+    return _conv_fake(x, w.shape[0], kernel_size, stride, padding)
+
+
+@torch.library.custom_op("qdiff::qconv2d_split", mutates_args=())
+def qconv2d_split_op(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                     w_rowsum1: torch.Tensor, w_rowsum2: torch.Tensor, w_scale1: torch.Tensor, w_scale2: torch.Tensor,
+                     act_scale1: float, act_scale2: float, act_zero_point1: int, act_zero_point2: int,
+                     act_bits1: int, act_bits2: int, weight_bits: int,
+                     kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
+    parts = [QPart(x1, w1, w_rowsum1, w_scale1, act_scale1, act_zero_point1, act_bits1),
+             QPart(x2, w2, w_rowsum2, w_scale2, act_scale2, act_zero_point2, act_bits2)]
+    return run_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction)
+
+
+@qconv2d_split_op.register_fake
+def _(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2, act_zero_point1,
+      act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride, padding, bias=None, bias_correction=None):
+    return _conv_fake(x1, w1.shape[0], kernel_size, stride, padding)

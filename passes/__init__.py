@@ -1,0 +1,1 @@
+"""qdcompile.passes — torch.fx passes and the ``qdiff`` torch.compile backend."""

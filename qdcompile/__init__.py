@@ -1,0 +1,1 @@
+"""qdcompile: post-training quantization of diffusion U-Nets with real integer kernels."""
