@@ -51,7 +51,9 @@ def qlinear(x: torch.Tensor, weight: PreparedWeight, weight_scale: torch.Tensor,
 def qconv2d(x: torch.Tensor, weight: PreparedWeight, weight_scale: torch.Tensor, act_scale: float,
             act_zero_point: int, act_bits: int, kernel_size, stride=1, padding=0,
             bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Quantized conv2d (groups=1, dilation=1, zero padding with the code of 0). Output channels-last."""
+    """Quantized conv2d (groups=1, dilation=1, zero padding with the code of 0).
+
+    The output layout follows the input like ``torch.conv2d`` (channels-last in, channels-last out)."""
     return torch.ops.qdiff.qconv2d(x, weight.w, weight.rowsum, weight_scale, float(act_scale), int(act_zero_point),
                                    int(act_bits), weight.bits, _pair(kernel_size), _pair(stride), _pair(padding),
                                    bias, bias_correction)

@@ -87,7 +87,16 @@ def run_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size, stride, p
     _check_conv_geometry(op, parts, kernel_size, stride, padding)
     check_parts(op, parts, weight_bits, _conv_k(kernel_size), bias, bias_correction)
     impl = qconv.qconv2d_triton if kernel_mode(parts[0].x.device) == "triton" else qconv.qconv2d_reference
-    return impl(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias, bias_correction)
+    out = impl(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias, bias_correction)
+    return out.contiguous(memory_format=conv_memory_format(parts[0].x))
+
+
+def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Output layout of the conv ops: like ``torch.conv2d``, channels-last when the input is
+    channels-last (and not also plain contiguous), else contiguous NCHW."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # ---------------------------------------------------------------- torch.library registration
@@ -136,7 +145,7 @@ def _(x1, x2, w1, w2, *args, **kwargs):
 def _conv_fake(x: torch.Tensor, n: int, kernel_size, stride, padding) -> torch.Tensor:
     oh = conv_out_size(x.shape[2], kernel_size[0], stride[0], padding[0])
     ow = conv_out_size(x.shape[3], kernel_size[1], stride[1], padding[1])
-    return x.new_empty((x.shape[0], n, oh, ow)).contiguous(memory_format=torch.channels_last)
+    return x.new_empty((x.shape[0], n, oh, ow)).contiguous(memory_format=conv_memory_format(x))
 
 
 @torch.library.custom_op("qdiff::qconv2d", mutates_args=())

@@ -1,0 +1,241 @@
+"""FX pass: rewrite ``conv2d`` / ``linear`` calls of a Dynamo graph to ``torch.ops.qdiff`` ops.
+
+For each call whose weight is bound to a quantization record (see :mod:`.registry`):
+
+* weights are prepared once here (reordered, int4-packed, row-summed) and become graph
+  constants; the call becomes ``qdiff.qconv2d`` / ``qdiff.qlinear`` with the record's
+  activation quantizer (quantize-on-load inside the kernel);
+* a shortcut-split record whose input is ``cat([a, b], dim=1)`` becomes the ``*_split`` op
+  fed by ``a`` and ``b`` directly (the concatenation is not read);
+* a weight-only record (``act_bits`` None) keeps the float op with the dequantized weight;
+* anything else stays float, with the reason recorded for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..kernels import ops as qops
+from ..kernels.layout import prepare_weight
+from ..kernels.quantizers import dequantize_weight
+from .registry import Binding, Decision, lookup
+
+logger = logging.getLogger(__name__)
+
+CONV_TARGETS = {torch.conv2d, torch.nn.functional.conv2d, torch.ops.aten.conv2d.default}
+LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
+_CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_LINEAR_PARAMS = ("input", "weight", "bias")
+
+
+@dataclass
+class RewriteStats:
+    conv2d: int = 0
+    linear: int = 0
+    split: int = 0
+    weight_only: int = 0
+    fallback: dict[str, str] = field(default_factory=dict)   # layer (or graph weight) → reason
+
+    @property
+    def rewritten(self) -> int:
+        return self.conv2d + self.linear
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def _call_args(node: fx.Node, params: tuple[str, ...], defaults: dict) -> dict:
+    args = dict(zip(params, node.args))
+    args.update(node.kwargs)
+    for k, v in defaults.items():
+        args.setdefault(k, v)
+    return args
+
+
+class _TensorLookup:
+    """The real tensor behind a graph input or attribute (weights are graph inputs under Dynamo)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs):
+        self.gm = gm
+        self.index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        self.examples = list(example_inputs)
+
+    def __call__(self, node) -> torch.Tensor | None:
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part, None)
+            return obj if isinstance(obj, torch.Tensor) else None
+        if node.op != "placeholder":
+            return None
+        candidates = []
+        i = self.index.get(node)
+        if i is not None and i < len(self.examples):
+            candidates.append(self.examples[i])
+        grapharg = node.meta.get("grapharg")
+        if grapharg is not None:
+            candidates.append(getattr(grapharg, "example", None))
+        for t in candidates:
+            if isinstance(t, torch.Tensor) and lookup(t) is not None:
+                return t
+        return candidates[0] if candidates and isinstance(candidates[0], torch.Tensor) else None
+
+
+def _const(gm: fx.GraphModule, graph: fx.Graph, before: fx.Node, name: str, value: torch.Tensor) -> fx.Node:
+    attr = f"_qdiff_{name.replace('.', '_')}"
+    i = 0
+    while hasattr(gm, f"{attr}_{i}"):
+        i += 1
+    attr = f"{attr}_{i}"
+    gm.register_buffer(attr, value)
+    _declare_source(gm, attr)
+    with graph.inserting_before(before):
+        return graph.get_attr(attr)
+
+
+def _declare_source(gm: fx.GraphModule, attr: str) -> None:
+    """Dynamo graphs map every module buffer to the source it was read from (AOTAutograd
+    asserts it); our constants were created here, so they get a constant source of their own."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[attr] = ConstantSource(f"qdiff_constant_{attr}")
+
+
+def _prepared(binding: Binding, device: torch.device):
+    """Prepared weight parts of a record on ``device``: list of (w, rowsum, scale, act quantizer)."""
+    key = (str(device), "parts")
+    if key not in binding.prepared:
+        rec = binding.record
+        if rec.split:
+            raw = [(p.weight_q, p.weight_scale, p.act_scale, p.act_zero_point, p.act_bits) for p in rec.split]
+        else:
+            raw = [(rec.weight_q, rec.weight_scale, rec.act_scale, rec.act_zero_point, rec.act_bits)]
+        parts = []
+        for wq, ws, a_scale, a_zp, a_bits in raw:
+            pw = prepare_weight(wq, rec.weight_bits)
+            parts.append((pw.w.to(device), pw.rowsum.to(device), ws.float().to(device), float(a_scale), int(a_zp), int(a_bits)))
+        binding.prepared[key] = parts
+    return binding.prepared[key]
+
+
+def _split_inputs(x, rec, channel_dim: int) -> tuple[fx.Node, fx.Node] | str:
+    """The two concat inputs feeding a split layer, or the reason they cannot be used."""
+    cat_targets = {torch.cat, torch.concat, torch.ops.aten.cat.default}
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target in cat_targets):
+        return "split metadata, but the layer input is not a torch.cat"
+    tensors = x.args[0] if x.args else x.kwargs.get("tensors")
+    cat_dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
+    if len(tensors) != 2 or len(rec.split) != 2:
+        return f"split metadata has {len(rec.split)} parts, the concat has {len(tensors)} inputs (2 supported)"
+    value = x.meta.get("example_value")
+    if value is None:
+        return "no shape information on the concat"
+    ndim = value.dim()
+    if cat_dim % ndim != channel_dim % ndim:
+        return f"concat along dim {cat_dim}, the layer's channel dim is {channel_dim % ndim}"
+    for t, part in zip(tensors, rec.split):
+        ev = t.meta.get("example_value") if isinstance(t, fx.Node) else None
+        if ev is None or ev.shape[channel_dim] != part.channels:
+            got = None if ev is None else ev.shape[channel_dim]
+            return f"concat part has {got} channels, metadata part has {part.channels}"
+    return tensors[0], tensors[1]
+
+
+def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats:
+    """Rewrite the bound conv2d/linear calls of ``gm`` in place; return the counts."""
+    stats = RewriteStats()
+    graph = gm.graph
+    tensor_of = _TensorLookup(gm, example_inputs)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in CONV_TARGETS:
+            op, args = "conv2d", _call_args(node, _CONV_PARAMS, _CONV_DEFAULTS)
+        elif node.target in LINEAR_TARGETS:
+            op, args = "linear", _call_args(node, _LINEAR_PARAMS, {"bias": None})
+        else:
+            continue
+        weight = tensor_of(args["weight"])
+        binding = lookup(weight) if weight is not None else None
+        if binding is None:
+            stats.fallback[str(getattr(args["weight"], "name", args["weight"]))] = "no quantization record bound to this weight"
+            continue
+        rec = binding.record
+        reason = _unsupported(op, args, weight)
+        if reason is None and rec.op != op:
+            reason = f"metadata says {rec.op}, the graph calls {op}"
+        if reason is not None:
+            binding.decisions[binding.name] = Decision(op, "float", reason)
+            stats.fallback[binding.name] = reason
+            continue
+        if rec.act_bits is None and not rec.split:
+            deq = dequantize_weight(rec.weight_q, rec.weight_scale).to(weight.device, weight.dtype)
+            node.replace_input_with(args["weight"], _const(gm, graph, node, binding.name, deq))
+            binding.decisions[binding.name] = Decision(op, "float", "weight-only record: float op on the dequantized weight")
+            stats.weight_only += 1
+            continue
+        inputs: list[fx.Node] = [args["input"]]
+        if rec.split:
+            got = _split_inputs(args["input"], rec, channel_dim=1 if op == "conv2d" else -1)
+            if isinstance(got, str):
+                binding.decisions[binding.name] = Decision(op, "float", got)
+                stats.fallback[binding.name] = got
+                continue
+            inputs = list(got)
+        parts = _prepared(binding, weight.device)
+        consts = [(_const(gm, graph, node, f"{binding.name}.w{i}", w), _const(gm, graph, node, f"{binding.name}.rs{i}", rs),
+                   _const(gm, graph, node, f"{binding.name}.s{i}", s)) for i, (w, rs, s, *_) in enumerate(parts)]
+        if len(parts) == 1:
+            (w, rs, s), (_, _, _, a_scale, a_zp, a_bits) = consts[0], parts[0]
+            qargs = [inputs[0], w, rs, s, a_scale, a_zp, a_bits, rec.weight_bits]
+        else:
+            qargs = [inputs[0], inputs[1], consts[0][0], consts[1][0], consts[0][1], consts[1][1],
+                     consts[0][2], consts[1][2], parts[0][3], parts[1][3], parts[0][4], parts[1][4],
+                     parts[0][5], parts[1][5], rec.weight_bits]
+        suffix = "_split" if len(parts) == 2 else ""
+        if op == "conv2d":
+            kh, kw = weight.shape[2], weight.shape[3]
+            qargs += [[kh, kw], _pair(args["stride"]), _pair(args["padding"])]
+            target = getattr(torch.ops.qdiff, "qconv2d" + suffix).default
+            stats.conv2d += 1
+        else:
+            target = getattr(torch.ops.qdiff, "qlinear" + suffix).default
+            stats.linear += 1
+        stats.split += len(parts) == 2
+        with graph.inserting_before(node):
+            new = graph.call_function(target, tuple(qargs), {"bias": args["bias"]})
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        mode = qops.kernel_mode(weight.device)
+        binding.decisions[binding.name] = Decision(op, f"qdiff.{target._schema.name.split('::')[1]} [{mode}]")
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return stats
+
+
+def _unsupported(op: str, args: dict, weight: torch.Tensor) -> str | None:
+    if op == "linear":
+        return None if weight.dim() == 2 else f"linear weight of shape {list(weight.shape)}"
+    if weight.dim() != 4:
+        return f"conv2d weight of shape {list(weight.shape)}"
+    if args["groups"] != 1:
+        return f"groups={args['groups']} (kernel supports groups=1)"
+    if _pair(args["dilation"]) != [1, 1]:
+        return f"dilation={args['dilation']} (kernel supports dilation 1)"
+    if isinstance(args["padding"], str):
+        return f"padding={args['padding']!r} (kernel needs explicit padding)"
+    if not all(isinstance(v, int) for v in (*_pair(args["stride"]), *_pair(args["padding"]))):
+        return "non-constant stride/padding"
+    return None

@@ -1,0 +1,95 @@
+"""Sampling loop over a diffusers scheduler (``set_timesteps`` / ``timesteps`` / ``step``).
+
+Works with a plain U-Net, a ``torch.compile``-d one (``backend="qdiff"`` or Inductor) and
+anything that returns an object with ``.sample`` or a tensor. Time steps are always passed
+as tensors, so a compiled model does not recompile per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, dict[str, Any]], None]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The original module behind a ``torch.compile`` wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def model_sample_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    cfg = unwrap(model).config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return cfg.in_channels, h, w
+
+
+def batch_kwargs(sample_kwargs: Optional[dict[str, Any]], start: int, stop: int, total: int) -> dict[str, Any]:
+    """Slice the extra U-Net arguments for images ``start:stop`` of ``total``.
+
+    A tensor whose first dimension is 1 is broadcast to the batch; one whose first
+    dimension is ``total`` is sliced; anything else is an error naming the argument.
+    """
+    out: dict[str, Any] = {}
+    for key, value in (sample_kwargs or {}).items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.shape[0] == 1:
+                value = value.expand(stop - start, *value.shape[1:])
+            elif value.shape[0] == total:
+                value = value[start:stop]
+            else:
+                raise ValueError(f"sample_kwargs[{key!r}] has batch size {value.shape[0]}; expected 1 (broadcast) "
+                                 f"or {total} (one per image)")
+        out[key] = value
+    return out
+
+
+def call_unet(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = model(x, t.expand(x.shape[0]), **kwargs)
+    return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, scheduler, num_images: int = 16, num_inference_steps: int = 50,
+           generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
+           sample_kwargs: Optional[dict[str, Any]] = None, progress: bool = True,
+           callback: Optional[StepCallback] = None, to_image: Optional[bool] = None,
+           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Run the reverse diffusion from Gaussian noise; return ``[num_images, C, H, W]``.
+
+    ``to_image`` (default: True for pixel-space ``UNet2DModel``) maps the result from
+    [-1, 1] to [0, 1] and clamps; latent models return raw latents. ``callback(step,
+    t, x_t, kwargs)`` is called before each U-Net evaluation (calibration uses it).
+    """
+    if num_images < 1 or num_inference_steps < 1:
+        raise ValueError(f"num_images and num_inference_steps must be >= 1, got {num_images}, {num_inference_steps}")
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    dtype = dtype or next(base.parameters()).dtype
+    if to_image is None:
+        to_image = type(base).__name__ == "UNet2DModel"
+    c, h, w = model_sample_shape(model)
+    batch_size = batch_size or num_images
+    results = []
+    sched = copy.deepcopy(scheduler)
+    for start in range(0, num_images, batch_size):
+        stop = min(num_images, start + batch_size)
+        kwargs = batch_kwargs(sample_kwargs, start, stop, num_images)
+        sched.set_timesteps(num_inference_steps, device=device)
+        x = torch.randn((stop - start, c, h, w), generator=generator, dtype=torch.float32,
+                        device=generator.device if generator is not None else device).to(device)
+        x = x * sched.init_noise_sigma
+        steps = tqdm(sched.timesteps, desc=f"sampling {start}-{stop}", disable=not progress, leave=False)
+        for i, t in enumerate(steps):
+            model_in = sched.scale_model_input(x, t).to(dtype)
+            if callback is not None:
+                callback(i, t, model_in, kwargs)
+            eps = call_unet(model, model_in, t.to(device), kwargs)
+            x = sched.step(eps.float(), t, x, generator=generator).prev_sample
+        results.append(x.float())
+    out = torch.cat(results)
+    return ((out / 2 + 0.5).clamp(0, 1)) if to_image else out

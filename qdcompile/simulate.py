@@ -1,0 +1,55 @@
+"""Simulated (fake-quant) evaluation built from ``meta.layers`` alone.
+
+The float model with every recorded layer's weight replaced by ``s · q`` and its input by
+``Δ · (q(x) − Z)`` (per part for split layers). This is what the integer kernels must
+compute, up to float rounding; calibration (AdaRound/LSQ, PTQD statistics) also runs on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from .kernels.quantizers import dequantize_weight, fake_quantize_act
+from .metadata import LayerQuant, QuantMetadata
+from .sampling import unwrap
+
+
+def dequantized_weight(rec: LayerQuant) -> torch.Tensor:
+    if rec.split:
+        return torch.cat([dequantize_weight(p.weight_q, p.weight_scale) for p in rec.split], dim=1)
+    return dequantize_weight(rec.weight_q, rec.weight_scale)
+
+
+def fake_quant_input(rec: LayerQuant, x: torch.Tensor) -> torch.Tensor:
+    if rec.split:
+        dim = 1 if rec.op == "conv2d" else -1
+        chunks = torch.split(x, [p.channels for p in rec.split], dim=dim)
+        return torch.cat([fake_quantize_act(c, p.act_scale, p.act_zero_point, p.act_bits)
+                          for c, p in zip(chunks, rec.split)], dim=dim).to(x.dtype)
+    if rec.act_bits is None:
+        return x
+    return fake_quantize_act(x, rec.act_scale, rec.act_zero_point, rec.act_bits).to(x.dtype)
+
+
+@contextlib.contextmanager
+def simulate(unet: torch.nn.Module, meta: QuantMetadata) -> Iterator[torch.nn.Module]:
+    """Within the block, ``unet`` computes the fake-quantized model of ``meta``."""
+    base = unwrap(unet)
+    modules = dict(base.named_modules())
+    saved, handles = {}, []
+    try:
+        for name, rec in meta.layers.items():
+            m = modules[name]
+            saved[name] = m.weight.data
+            m.weight.data = dequantized_weight(rec).to(m.weight.device, m.weight.dtype)
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, rec=rec: (fake_quant_input(rec, args[0]), *args[1:])))
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
+        for name, data in saved.items():
+            modules[name].weight.data = data
