@@ -38,19 +38,20 @@ def interpreting() -> bool:
 
 
 def _fits(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> bool:
-    """Predicate over a candidate: shared memory, accumulator registers, warp shape."""
+    """Predicate over a candidate: shared memory, warp shape, K depth vs tile size."""
     smem = num_stages * block_k * (block_m * _ACT_BYTES + block_n * _W_BYTES)
     if smem > _SMEM_BUDGET:
         return False
-    # int32 accumulator registers per thread (one accumulator; the split variant holds a
-    # second fp32 tile of the same size only in its second K loop).
-    acc_regs = block_m * block_n // (num_warps * 32)
-    if acc_regs > 128:
+    tile = block_m * block_n
+    # Hopper warpgroup MMAs: 8 warps (two warpgroups) for 128×128 and larger tiles, 4 below;
+    # keeps the int32 accumulator at ≤ 128 registers per thread.
+    if (num_warps == 8) != (tile >= 128 * 128) or tile // (num_warps * 32) > 128:
         return False
-    # A Hopper warpgroup MMA covers 64 rows: 8 warps only pay off on 128+ row tiles.
-    if num_warps == 8 and block_m * block_n < 128 * 128:
+    # Deep K steps only for small tiles (more work per pipeline stage), with 3 stages.
+    if block_k == 128 and (tile > 64 * 128 or num_stages != 3):
         return False
-    if num_warps == 4 and block_m * block_n > 128 * 128:
+    # 256-row tiles only as 256×128 (the 2-warpgroup M-major shape).
+    if block_m == 256 and block_n != 128:
         return False
     return True
 
@@ -70,14 +71,17 @@ def matmul_configs() -> list[triton.Config]:
 
 
 def prune_for_problem(configs, named_args, **kwargs):
-    """``early_config_prune`` hook: drop tiles far larger than the problem (keeps ≥ 1)."""
+    """``early_config_prune`` hook, per call: drop tiles far larger than the problem, and
+    the largest tiles for the split variant (it holds a second accumulator). Keeps ≥ 1."""
     m, n = named_args["M"], named_args["N"]
     k = max(int(named_args.get(name, 0) or 0) for name in ("K1", "K2", "C1", "C2"))
+    split = bool(kwargs.get("SPLIT", named_args.get("SPLIT", False)))
     cap_m = max(64, triton.next_power_of_2(m))
     cap_n = max(64, triton.next_power_of_2(n))
     cap_k = max(64, triton.next_power_of_2(k))
     kept = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n and c.kwargs["BLOCK_K"] <= cap_k]
+            if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n and c.kwargs["BLOCK_K"] <= cap_k
+            and not (split and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)]
     return kept or configs[:1]
 
 

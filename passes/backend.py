@@ -6,15 +6,24 @@ conv/linear calls whose weights were bound by ``qdcompile.attach`` run the integ
 everything else (norms, attention, activations) is compiled by Inductor exactly as the FP
 ``torch.compile`` baseline is.
 
+Dynamo passes module weights as graph inputs and reuses one compiled graph for every
+instance of a module class with the same shapes; the rewrite bakes one model's quantized
+weights into the graph. So the compiled callable checks (by identity, cheaply) that the
+weights it is called with are the ones it was specialised for, and specialises again for
+another model instance (its own metadata, or float when it has none).
+
 ``QDCOMPILE_INDUCTOR=0`` skips Inductor and runs the rewritten graph eagerly (debugging).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
-from .quantize_layers import RewriteStats, rewrite_quantized_layers
+import torch.fx as fx
+
+from .quantize_layers import CONV_TARGETS, LINEAR_TARGETS, RewriteStats, rewrite_quantized_layers
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +35,19 @@ def last_rewrite_stats() -> RewriteStats | None:
     return _last_stats[-1] if _last_stats else None
 
 
-def qdiff_backend(gm, example_inputs, **kwargs):
+def _weight_input_indices(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph inputs that are conv/linear weights."""
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    idx = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (node.target in CONV_TARGETS or node.target in LINEAR_TARGETS):
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(w, fx.Node) and w in placeholders:
+                idx.add(placeholders[w])
+    return sorted(idx)
+
+
+def _compile(gm: fx.GraphModule, example_inputs):
     stats = rewrite_quantized_layers(gm, example_inputs)
     _last_stats[:] = [stats]
     if stats.rewritten == 0:
@@ -39,3 +60,23 @@ def qdiff_backend(gm, example_inputs, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
+
+
+def qdiff_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+    weight_idx = _weight_input_indices(gm)
+    pristine = copy.deepcopy(gm) if weight_idx else None
+    first = _compile(gm, example_inputs)
+    if not weight_idx:
+        return first
+    variants = [([example_inputs[i] for i in weight_idx], first)]
+
+    def run(*args):
+        for weights, fn in variants:
+            if all(args[i] is w for i, w in zip(weight_idx, weights)):
+                return fn(*args)
+        logger.info("qdiff backend: specialising the graph for another model instance")
+        fn = _compile(copy.deepcopy(pristine), list(args))
+        variants.append(([args[i] for i in weight_idx], fn))
+        return fn(*args)
+
+    return run

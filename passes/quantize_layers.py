@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..kernels import ops as qops
 from ..kernels.layout import prepare_weight
@@ -76,17 +77,14 @@ class _TensorLookup:
             return obj if isinstance(obj, torch.Tensor) else None
         if node.op != "placeholder":
             return None
-        candidates = []
         i = self.index.get(node)
-        if i is not None and i < len(self.examples):
-            candidates.append(self.examples[i])
+        example = self.examples[i] if i is not None and i < len(self.examples) else None
+        if isinstance(example, torch.Tensor) and not isinstance(example, FakeTensor):
+            return example
+        # Called with fake inputs: Dynamo's record of the real tensor it traced.
         grapharg = node.meta.get("grapharg")
-        if grapharg is not None:
-            candidates.append(getattr(grapharg, "example", None))
-        for t in candidates:
-            if isinstance(t, torch.Tensor) and lookup(t) is not None:
-                return t
-        return candidates[0] if candidates and isinstance(candidates[0], torch.Tensor) else None
+        real = getattr(grapharg, "example", None) if grapharg is not None else None
+        return real if isinstance(real, torch.Tensor) else None
 
 
 def _const(gm: fx.GraphModule, graph: fx.Graph, before: fx.Node, name: str, value: torch.Tensor) -> fx.Node:

@@ -138,6 +138,7 @@ class QuantMetadata:
             "qdcompile_version": _package_version(),
             "recipe": self.recipe.to_dict(), "model": self.model, "fallbacks": self.fallbacks,
             "calibration": _jsonable(self.calibration), "layers": {},
+            "layer_order": list(self.layers),  # JSON objects are key-sorted on write; keep model order
         }
         tensors: dict[str, torch.Tensor] = {}
         for name, rec in self.layers.items():
@@ -247,7 +248,10 @@ def load_metadata(path: str | os.PathLike) -> QuantMetadata:
     try:
         header = json.loads(meta["header"])
         recipe = QuantRecipe.from_dict(header["recipe"])
-        layers = {name: _layer_from(name, entry, tensors) for name, entry in header["layers"].items()}
+        order = header.get("layer_order") or list(header["layers"])
+        if sorted(order) != sorted(header["layers"]):
+            raise MetadataError(f"{str(path)!r}: corrupt metadata header (layer_order does not list the layers)")
+        layers = {name: _layer_from(name, header["layers"][name], tensors) for name in order}
         return QuantMetadata(recipe=recipe, model=header["model"], layers=layers,
                              fallbacks=dict(header.get("fallbacks", {})),
                              calibration=dict(header.get("calibration", {})), format_version=version)

@@ -32,7 +32,7 @@ def _check(parts, weight_bits, kernel, stride, padding, bias, bias_correction, o
     assert_epilogue_close(out, ref, term_magnitude(singles, bias, bias_correction, (1, -1, 1, 1)))
 
 
-@settings(max_examples=45, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(b=st.integers(1, 2), c=CHANNELS, n=OUT_CHANNELS, h=SPATIAL, w=SPATIAL,
        kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1, 2]),
        dtype=st.sampled_from(FLOAT_DTYPES), weight_bits=st.sampled_from([4, 8]), act_bits=st.sampled_from([4, 8]),
@@ -52,7 +52,7 @@ def test_qconv_matches_reference(b, c, n, h, w, kernel, stride, pad, dtype, weig
     _check([part], weight_bits, *geom, bias, bc, out)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(c1=CHANNELS, c2=CHANNELS, n=OUT_CHANNELS, h=st.integers(3, 8), w=st.integers(3, 8),
        kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), dtype=st.sampled_from(FLOAT_DTYPES),
        weight_bits=st.sampled_from([4, 8]), act_bits=st.tuples(st.sampled_from([4, 8]), st.sampled_from([4, 8])),
@@ -85,7 +85,7 @@ def test_qconv_kernel5_asymmetric_geometry(weight_bits, act_bits):
                qconv2d_triton([part], weight_bits, kernel, stride, pad, bias, None))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(c=CHANNELS, n=OUT_CHANNELS, kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
        weight_bits=st.sampled_from([4, 8]), act_bits=st.sampled_from([4, 8]), split=st.booleans(),
        seed=st.integers(0, 2**31 - 1))

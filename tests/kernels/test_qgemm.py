@@ -45,7 +45,7 @@ def _check(parts, weight_bits, bias, bias_correction, out):
     assert_epilogue_close(out, ref, term_magnitude(singles, bias, bias_correction, (1, -1)))
 
 
-@settings(max_examples=45, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(m=M_SIZES, k=K_SIZES, n=N_SIZES, nlead=st.sampled_from([1, 2, 3]), dtype=st.sampled_from(FLOAT_DTYPES),
        weight_bits=st.sampled_from([4, 8]), act_bits=st.sampled_from([4, 8]), has_bias=st.booleans(),
        has_bc=st.booleans(), sigma=st.floats(0.05, 20.0), mean=st.floats(-5.0, 5.0),
@@ -63,7 +63,7 @@ def test_qgemm_matches_reference(m, k, n, nlead, dtype, weight_bits, act_bits, h
     _check([part], weight_bits, bias, bc, out)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(m=M_SIZES, k1=K_SIZES, k2=K_SIZES, n=N_SIZES, dtype=st.sampled_from(FLOAT_DTYPES),
        weight_bits=st.sampled_from([4, 8]), act_bits=st.tuples(st.sampled_from([4, 8]), st.sampled_from([4, 8])),
        has_bias=st.booleans(), has_bc=st.booleans(), ratio=st.floats(10.0, 50.0), shift=st.floats(-3.0, 3.0),
@@ -82,7 +82,7 @@ def test_qgemm_split_bimodal(m, k1, k2, n, dtype, weight_bits, act_bits, has_bia
     _check(parts, weight_bits, bias, bc, out)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(m=M_SIZES, k=K_SIZES, n=N_SIZES, weight_bits=st.sampled_from([4, 8]), act_bits=st.sampled_from([4, 8]),
        split=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_qgemm_codes_in(m, k, n, weight_bits, act_bits, split, seed):

@@ -25,7 +25,7 @@ def _layout(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(shape=SHAPES, dtype=st.sampled_from(FLOAT_DTYPES), bits=st.sampled_from([4, 8]),
        sigma=st.floats(0.01, 50.0), mean=st.floats(-20.0, 20.0), qmode=st.sampled_from(["fit", "random"]),
        layout=st.sampled_from(["contiguous", "transposed", "sliced"]), seed=st.integers(0, 2**31 - 1))

@@ -1,0 +1,313 @@
+"""``qdcompile`` command line: demo, calibrate, sample, train-reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger("qdcompile")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _dtype(device: str):
+    import torch
+
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], device: str, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def snr_db(ref, test) -> float:
+    import torch
+
+    noise = (test.float() - ref.float()).pow(2).mean()
+    return float(10 * torch.log10(ref.float().pow(2).mean() / noise.clamp_min(1e-30)))
+
+
+def psnr_db(ref, test) -> float:
+    """PSNR of images in [0, 1]."""
+    import torch
+
+    mse = (test.float() - ref.float()).pow(2).mean().clamp_min(1e-12)
+    return float(10 * torch.log10(1.0 / mse))
+
+
+def _sample_kwargs(unet, path: str | None, device: str, dtype):
+    import torch
+
+    from .sampling import unwrap
+
+    if path:
+        emb = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(emb, torch.Tensor):
+            raise SystemExit(f"--prompt-embeds {path!r} must hold one tensor [1 or N, tokens, dim]")
+        return {"encoder_hidden_states": emb.to(device, dtype)}
+    if type(unwrap(unet)).__name__ == "UNet2DConditionModel":
+        raise SystemExit("this is a UNet2DConditionModel: pass --prompt-embeds FILE.pt (a tensor "
+                         "[1, tokens, cross_attention_dim] saved with torch.save)")
+    return None
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_calibrate(args) -> int:
+    import qdcompile
+    from .models import load_model
+
+    device = _device(args.device)
+    unet, scheduler = load_model(args.model, device=device, dtype=_dtype(device))
+    recipe = qdcompile.QuantRecipe.preset(args.recipe)
+    meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.num_samples,
+                               num_inference_steps=args.steps, num_calib_steps=args.calib_steps,
+                               batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+                               sample_kwargs=_sample_kwargs(unet, args.prompt_embeds, device, _dtype(device)))
+    path = meta.save(args.out)
+    print(f"wrote {path} ({len(meta.layers)} layers quantized, {len(meta.fallbacks)} left in float)")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    import qdcompile
+    from .images import save_comparison_grid
+    from .models import load_model
+
+    device = _device(args.device)
+    dtype = _dtype(device)
+    unet, scheduler = load_model(args.model, device=device, dtype=dtype)
+    kwargs = _sample_kwargs(unet, args.prompt_embeds, device, dtype)
+    meta = qdcompile.load_metadata(args.metadata)
+    qdcompile.attach(unet, meta)
+    fast = torch.compile(unet, backend="qdiff")
+
+    def run(model):
+        g = torch.Generator().manual_seed(args.seed)
+        return qdcompile.sample(model, scheduler, num_images=args.num_images, num_inference_steps=args.steps,
+                                generator=g, sample_kwargs=kwargs, progress=not args.quiet)
+
+    quant = run(fast)
+    rows = [(f"{meta.recipe.name} (qdiff)", quant)]
+    if args.compare_fp:
+        fp = run(unet)  # the eager module is the float model
+        rows.insert(0, ("FP", fp))
+        print(f"sample PSNR vs FP (same seeds): {psnr_db(fp, quant):.2f} dB")
+    if args.out:
+        if quant.shape[1] not in (1, 3):
+            torch.save(quant.cpu(), Path(args.out).with_suffix(".pt"))
+            print(f"latent samples ({quant.shape[1]} channels) saved to {Path(args.out).with_suffix('.pt')}")
+        else:
+            print(f"wrote {save_comparison_grid(rows, args.out)}")
+    print(qdcompile.report(fast))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    import qdcompile
+    from .images import save_comparison_grid
+
+    device = _device(args.device)
+    dtype = _dtype(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet, scheduler = qdcompile.reference_model(args.model, device=device, dtype=dtype)
+    recipe = qdcompile.QuantRecipe.preset(args.recipe)
+    print(f"[1/4] calibrating {args.model} for {recipe.name}: {args.calib_samples} samples x {args.steps} steps "
+          f"(device {device})")
+    t0 = time.perf_counter()
+    meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.calib_samples,
+                               num_inference_steps=args.steps, seed=args.seed + 1, progress=not args.quiet)
+    meta_path = meta.save(out / f"{args.model}.{recipe.name}.qdiff")
+    print(f"      done in {time.perf_counter() - t0:.1f}s -> {meta_path}")
+
+    print("[2/4] compiling with torch.compile(unet, backend='qdiff')")
+    fast = torch.compile(unet, backend="qdiff")
+    c, h, w = unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
+    x = torch.randn(args.num_images, c, h, w, device=device, dtype=dtype)
+    t = torch.full((args.num_images,), 500, device=device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        eps_q = fast(x, t).sample
+    _sync(device)
+    compile_s = time.perf_counter() - t0
+    print(f"      compiled in {compile_s:.1f}s")
+
+    print(f"[3/4] sampling {args.num_images} images, {args.steps} steps, FP and {recipe.name}, same seeds")
+
+    def run(model):
+        g = torch.Generator().manual_seed(args.seed)
+        return qdcompile.sample(model, scheduler, num_images=args.num_images, num_inference_steps=args.steps,
+                                generator=g, progress=not args.quiet)
+
+    t0 = time.perf_counter()
+    quant = run(fast)
+    _sync(device)
+    quant_s = time.perf_counter() - t0
+    # the eager module is still the float model: metadata only changes what the qdiff backend compiles
+    t0 = time.perf_counter()
+    fp = run(unet)
+    _sync(device)
+    fp_s = time.perf_counter() - t0
+    with torch.no_grad():
+        eps_fp = unet(x, t).sample
+    grid = save_comparison_grid([("FP32" if dtype == torch.float32 else "FP16", fp), (f"{recipe.name} (qdiff)", quant)],
+                                out / f"{args.model}.{recipe.name}.png")
+
+    print("[4/4] results")
+    print(qdcompile.report(fast))
+    summary = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "recipe": recipe.name, "eps_snr_db_t500": snr_db(eps_fp, eps_q),
+        "sample_psnr_db_vs_fp": psnr_db(fp, quant), "compile_s": compile_s,
+        "sampling_s": {"fp_eager": fp_s, "qdiff": quant_s},
+    }
+    print(f"  eps SNR vs FP (t=500):       {summary['eps_snr_db_t500']:.1f} dB")
+    print(f"  sample PSNR vs FP (same seeds): {summary['sample_psnr_db_vs_fp']:.1f} dB")
+    try:
+        from .classifier import load_mnist_classifier
+
+        if args.model == "mnist":
+            clf = load_mnist_classifier(device=device)
+            for label, imgs in (("FP", fp), (recipe.name, quant)):
+                probs = torch.softmax(clf(imgs.float()), dim=1)
+                conf = float((probs.max(dim=1).values > 0.9).float().mean())
+                summary[f"confident_digits_{label}"] = conf
+                print(f"  {label:>5} samples classified as a digit with confidence > 0.9: {conf:.0%}")
+    except FileNotFoundError as e:
+        print(f"  (no digit classifier: {e})")
+    step = {}
+    with torch.no_grad():
+        step["fp_eager"] = median_seconds(lambda: unet(x, t), device)
+        step["qdiff"] = median_seconds(lambda: fast(x, t), device)
+    summary["unet_step_s"] = step
+    print(f"  sampling time: FP eager {fp_s:.2f}s, qdiff {quant_s:.2f}s; U-Net step (median of 10): "
+          f"FP eager {step['fp_eager'] * 1e3:.2f} ms, qdiff {step['qdiff'] * 1e3:.2f} ms")
+    if not device.startswith("cuda"):
+        print("  note: on CPU the quantized layers run the pure-torch reference integer path; "
+              "CPU timings say nothing about GPU speed.")
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"  grid: {grid}\n  metadata: {meta_path}\n  summary: {out / 'demo_summary.json'}")
+    return 0
+
+
+def cmd_train_reference(args) -> int:
+    from .reference_models import train_reference
+
+    path = train_reference(args.model, out_dir=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parsers
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdcompile", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="calibrate + compile + sample the embedded model; grid, report, timings")
+    p.add_argument("--model", default="mnist", help="shipped reference model")
+    p.add_argument("--recipe", default="w8a8", choices=["w8a8", "w4a8", "w4a4"])
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--out", default="qdcompile-demo", help="output folder")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="calibrate a diffusers U-Net and write a metadata file")
+    p.add_argument("--model", required=True, help="diffusers folder, or a shipped reference name (mnist)")
+    p.add_argument("--recipe", default="w8a8", choices=["w8a8", "w4a8", "w4a4"])
+    p.add_argument("--out", required=True, help="metadata file to write (e.g. model.w8a8.qdiff)")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the calibration trajectory")
+    p.add_argument("--calib-steps", type=int, default=None, help="time steps kept (uniform); default all")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
+    _common(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("sample", help="sample with a quantized, compiled U-Net")
+    p.add_argument("--model", required=True)
+    p.add_argument("--metadata", required=True)
+    p.add_argument("--out", default=None, help="PNG grid to write")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--compare-fp", action="store_true", help="also sample the float model with the same seeds")
+    p.add_argument("--prompt-embeds", default=None)
+    _common(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train-reference", help="re-train the embedded reference model from the shared data")
+    p.add_argument("--model", default="mnist")
+    p.add_argument("--out", default=None, help="output folder (default: the package's assets)")
+    p.add_argument("--steps", type=int, default=None)
+    _common(p)
+    p.set_defaults(func=cmd_train_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        from .metadata import MetadataError
+
+        if isinstance(e, (FileNotFoundError, MetadataError)) or type(e) is ValueError:
+            print(f"qdcompile {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
