@@ -1,0 +1,63 @@
+"""The command line on diffusers folders written with save_pretrained (the real loading code)."""
+
+import pytest
+import torch
+
+from qdcompile.cli import main
+from tiny_models import scheduler, tiny_unet2d, tiny_unet2d_condition
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_unet2d(seed=5).save_pretrained(root / "unet")
+    scheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+def test_calibrate_then_sample(model_dir, tmp_path, capsys):
+    meta = tmp_path / "tiny.w8a8.qdiff"
+    assert main(["calibrate", "--model", str(model_dir), "--recipe", "w8a8", "--out", str(meta),
+                 "--num-samples", "2", "--steps", "4", "--quiet"]) == 0
+    assert meta.is_file() and "51 layers quantized" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(meta), "--out", str(grid),
+                 "--num-images", "2", "--steps", "3", "--compare-fp", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert grid.is_file() and grid.stat().st_size > 100
+    assert "sample PSNR vs FP" in out and "51 conv/linear layers: 51 on integer kernels" in out
+
+
+def test_bad_inputs_exit_with_a_message(model_dir, tmp_path, capsys):
+    assert main(["calibrate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.qdiff")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["calibrate", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "x.qdiff")]) == 2
+    assert "not a diffusers model folder" in capsys.readouterr().err
+    junk = tmp_path / "junk.qdiff"
+    junk.write_bytes(torch.randn(64).numpy().tobytes())
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(junk), "--quiet"]) == 2
+    assert "not a readable qdcompile metadata file" in capsys.readouterr().err
+    # metadata calibrated for another model (same class, other weights)
+    other = tmp_path / "other"
+    tiny_unet2d(seed=6).save_pretrained(other / "unet")
+    scheduler().save_pretrained(other / "scheduler")
+    meta = tmp_path / "other.qdiff"
+    assert main(["calibrate", "--model", str(other), "--out", str(meta), "--num-samples", "1", "--steps", "2",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(meta), "--quiet"]) == 2
+    assert "weights differ from the weights this metadata was calibrated on" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written
+
+
+def test_conditional_model_needs_prompt_embeds(tmp_path, capsys):
+    root = tmp_path / "cond"
+    tiny_unet2d_condition().save_pretrained(root / "unet")
+    scheduler().save_pretrained(root / "scheduler")
+    with pytest.raises(SystemExit, match="--prompt-embeds"):
+        main(["calibrate", "--model", str(root), "--out", str(tmp_path / "c.qdiff")])
+    emb = tmp_path / "emb.pt"
+    torch.save(torch.randn(1, 5, 24), emb)
+    assert main(["calibrate", "--model", str(root), "--out", str(tmp_path / "c.qdiff"), "--prompt-embeds", str(emb),
+                 "--num-samples", "2", "--steps", "3", "--quiet"]) == 0
