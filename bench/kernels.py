@@ -7,7 +7,8 @@ this times (median of ``triton.testing.do_bench``):
 * ``torch._int_mm`` (cuBLASLt int8 → int32, codes in, no epilogue) for the GEMMs;
 * ours W8A8 and W4A8: float16 activation in, quantize-on-load, fused dequant epilogue;
 * ours W8A8 with pre-quantized codes in (``INPUT_CODES``): the cost of fusing the
-  quantizer is ``t(fused) / t(codes in) − 1`` (target ≤ 10 %).
+  quantizer is ``t(fused) / t(codes in) − 1`` (target ≤ 10 %);
+* ours W8A8 unfused: the standalone quantize kernel, then the codes-in GEMM/conv.
 
 It reports TOPS (2·M·N·K / t) and the percentage of the *measured* int8 peak (a large
 ``torch._int_mm``), prints a speed-up table and writes
@@ -32,7 +33,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -158,14 +158,11 @@ def make_timer(device: str, rep_ms: int):
             return float(triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median"))
         return bench
 
-    def bench_cpu(fn) -> float:  # interpreter smoke run: a median of a few wall-clock calls
+    def bench_cpu(fn) -> float:  # interpreter smoke run: one wall-clock call after a warm-up (meaningless)
         fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return bench_cpu
 
 
@@ -220,6 +217,8 @@ def bench_gemm(torch, F, shape: GemmShape, device: str, bench, check: bool) -> R
     row.ms["w8a8"] = bench(lambda: launch_qgemm([p8], 8, bias, None))
     row.ms["w4a8"] = bench(lambda: launch_qgemm([p4], 4, bias, None))
     row.ms["w8a8_codes_in"] = bench(lambda: launch_qgemm([p8c], 8, bias, None, input_codes=True))
+    row.ms["w8a8_unfused"] = bench(lambda: launch_qgemm(
+        [p8._replace(x=quantize_act(x, act_scale, act_zp, 8))], 8, bias, None, input_codes=True))
     a8 = (codes.to(torch.int16) - 128).to(torch.int8)
     b8 = w8.w.t()                                   # [K, N] column-major, cuBLASLt's preferred layout
     if shape.m > 16 and shape.k % 8 == 0 and shape.n % 8 == 0:
@@ -247,15 +246,11 @@ def bench_conv(torch, F, shape: ConvShape, device: str, bench, check: bool) -> R
     w16 = wf.half().contiguous(memory_format=cl)
     row.ms["fp16"] = bench(lambda: F.conv2d(x, w16, bias, stride=shape.stride, padding=shape.padding))
 
-    def parts(bits: int, codes: bool = False):
-        out, lo = [], 0
+    def parts(bits: int):
+        out = []
         for xp in xs:
-            c = xp.shape[1]
-            pw, sc, _ = _random_weight(torch, shape.n, (c, shape.kernel, shape.kernel), bits, device)
-            act_scale = float(xp.float().abs().max()) / 127.5
-            xin = quantize_act(xp, act_scale, 128, 8) if codes else xp
-            out.append(QPart(xin, pw.w, pw.rowsum, sc, act_scale, 128, 8))
-            lo += c
+            pw, sc, _ = _random_weight(torch, shape.n, (xp.shape[1], shape.kernel, shape.kernel), bits, device)
+            out.append(QPart(xp, pw.w, pw.rowsum, sc, float(xp.float().abs().max()) / 127.5, 128, 8))
         return out
 
     p8, p4 = parts(8), parts(4)
@@ -268,6 +263,9 @@ def bench_conv(torch, F, shape: ConvShape, device: str, bench, check: bool) -> R
     row.ms["w8a8"] = bench(lambda: launch_qconv2d(p8, 8, *geom, bias, None))
     row.ms["w4a8"] = bench(lambda: launch_qconv2d(p4, 4, *geom, bias, None))
     row.ms["w8a8_codes_in"] = bench(lambda: launch_qconv2d(p8c, 8, *geom, bias, None, input_codes=True))
+    row.ms["w8a8_unfused"] = bench(lambda: launch_qconv2d(
+        [p._replace(x=quantize_act(p.x, p.act_scale, p.act_zero_point, 8)) for p in p8], 8, *geom, bias, None,
+        input_codes=True))
     return row
 
 
@@ -291,7 +289,8 @@ def _fmt(v, spec=".3f", none="—"):
 
 def table(rows: list[Row], peak: float | None) -> str:
     head = ["kind", "shape", "M", "N", "K", "fp16 ms", "_int_mm ms", "W8A8 ms", "W4A8 ms", "codes-in ms",
-            "W8A8/fp16", "W4A8/fp16", "W8A8 % of _int_mm", "fused overhead", "W8A8 TOPS", "% int8 peak"]
+            "quant+codes-in ms", "W8A8/fp16", "W4A8/fp16", "W8A8 % of _int_mm", "fused overhead", "W8A8 TOPS",
+            "% int8 peak"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r.ms
@@ -300,9 +299,10 @@ def table(rows: list[Row], peak: float | None) -> str:
         overhead = 100.0 * (t["w8a8"] / t["w8a8_codes_in"] - 1.0)
         tops = r.tops("w8a8")
         cells = [r.kind, r.name, r.m, r.n, r.k, _fmt(t["fp16"]), _fmt(t.get("int_mm")), _fmt(t["w8a8"]),
-                 _fmt(t["w4a8"]), _fmt(t["w8a8_codes_in"]), _fmt(speed("w8a8"), ".2f") + "×",
-                 _fmt(speed("w4a8"), ".2f") + "×", _fmt(of_int_mm, ".0f"), _fmt(overhead, "+.1f") + " %",
-                 _fmt(tops, ".0f"), _fmt(None if peak is None else 100.0 * tops / peak, ".0f")]
+                 _fmt(t["w4a8"]), _fmt(t["w8a8_codes_in"]), _fmt(t.get("w8a8_unfused")),
+                 _fmt(speed("w8a8"), ".2f") + "×", _fmt(speed("w4a8"), ".2f") + "×", _fmt(of_int_mm, ".0f"),
+                 _fmt(overhead, "+.1f") + " %", _fmt(tops, ".0f"),
+                 _fmt(None if peak is None else 100.0 * tops / peak, ".0f")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "command": " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(["bench/kernels.py", *argv]),
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "smoke": bool(args.smoke),
-        "timings_meaningful": cuda, "timer": "triton.testing.do_bench median" if cuda else "CPU wall clock (meaningless)",
+        "timings_meaningful": cuda,
+        "timer": "triton.testing.do_bench median" if cuda else "CPU wall clock (meaningless)",
         "int8_peak_tops": peak,
     }
     records = [{**asdict(r), "tops": {k: r.tops(k) for k in r.ms}} for r in rows]

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .int4 import pack_int4, unpack_int4
-from .quantizers import check_bits, weight_qrange
+from .quantizers import check_act_scale, check_bits, weight_qrange
 
 
 class QPart(NamedTuple):
@@ -103,8 +103,7 @@ def check_parts(op: str, parts: "list[QPart] | tuple[QPart, ...]", weight_bits: 
                 raise ValueError(f"{where}: {name} is on {t.device}, expected {device} like the activation")
         check_bits(p.act_bits, f"{where}: act_bits")
         qmax = (1 << p.act_bits) - 1
-        if not (p.act_scale > 0 and p.act_scale < float("inf")):
-            raise ValueError(f"{where}: act_scale must be a positive finite number, got {p.act_scale}")
+        check_act_scale(p.act_scale, f"{where}: act_scale")
         if not 0 <= p.act_zero_point <= qmax:
             raise ValueError(f"{where}: act_zero_point {p.act_zero_point} outside [0, {qmax}] for {p.act_bits}-bit codes")
         k = k_of(p)

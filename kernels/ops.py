@@ -87,8 +87,8 @@ def run_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size, stride, p
     _check_conv_geometry(op, parts, kernel_size, stride, padding)
     check_parts(op, parts, weight_bits, _conv_k(kernel_size), bias, bias_correction)
     impl = qconv.qconv2d_triton if kernel_mode(parts[0].x.device) == "triton" else qconv.qconv2d_reference
-    out = impl(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias, bias_correction)
-    return out.contiguous(memory_format=conv_memory_format(parts[0].x))
+    return impl(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias, bias_correction,
+                memory_format=conv_memory_format(parts[0].x))
 
 
 def conv_memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -33,6 +33,7 @@ from .autotune import AUTOTUNE_PRUNE, launch_options, matmul_configs
 from .layout import QPart, unpack_weight
 from .qgemm import (MAX_K, _epilogue, act_codes, add_bias, add_bias_terms, check_device, check_span,
                     dequant_part, grouped_tile, weight_tile)
+from .quantize import act_quant_constants
 from .quantizers import quantize_act
 
 
@@ -45,7 +46,7 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
 @triton.jit
 def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
                stride_xb, stride_xc, stride_xh, stride_xw, stride_wn,
-               act_scale, zero_point,
+               act_scale, inv_scale, x_lo, x_hi, zero_point,
                KH: tl.constexpr, KW: tl.constexpr, ACT_BITS: tl.constexpr, W_BITS: tl.constexpr,
                INPUT_CODES: tl.constexpr, EVEN_C: tl.constexpr, PAIRED: tl.constexpr, BLOCK_K: tl.constexpr):
     """Implicit-GEMM K loop of one input part: ``acc += (q(x) − 2^(b−1)) ⊛ W_q`` (int32)."""
@@ -67,7 +68,7 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
             mask = row_ok[:, None]
         else:
             mask = row_ok[:, None] & (c0 + offs_c < C)[None, :]
-        a = act_codes(ptrs, mask, act_scale, zero_point, ACT_BITS, INPUT_CODES, True)
+        a = act_codes(ptrs, mask, act_scale, inv_scale, x_lo, x_hi, zero_point, ACT_BITS, INPUT_CODES, True)
         w = weight_tile(w_rows, r * C, c0, C, W_BITS, PAIRED, not EVEN_C, BLOCK_K)
         acc = tl.dot(a, tl.trans(w), acc)
     return acc
@@ -102,8 +103,9 @@ def _qconv2d_kernel(
     stride_yb, stride_yn, stride_yh, stride_yw,
     # geometry
     stride_h, stride_w, pad_h, pad_w,
-    # per-part activation quantizers
-    act_scale1, zero_point1, act_scale2, zero_point2,
+    # per-part activation quantizers: Δ, RN(1/Δ), x clamp range, Z
+    act_scale1, inv_scale1, x_lo1, x_hi1, zero_point1,
+    act_scale2, inv_scale2, x_lo2, x_hi2, zero_point2,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr,
     ACT_BITS1: tl.constexpr, ACT_BITS2: tl.constexpr, W_BITS: tl.constexpr, SPLIT: tl.constexpr,
@@ -130,13 +132,15 @@ def _qconv2d_kernel(
     # -- K loops into int32 accumulators, epilogue per part while still in registers
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc = _conv_part(acc, x1_ptr, w1_ptr, offs_b, ih0, iw0, offs_n, H, W, C1,
-                     stride_x1b, stride_x1c, stride_x1h, stride_x1w, stride_w1n, act_scale1, zero_point1,
+                     stride_x1b, stride_x1c, stride_x1h, stride_x1w, stride_w1n,
+                     act_scale1, inv_scale1, x_lo1, x_hi1, zero_point1,
                      KH, KW, ACT_BITS1, W_BITS, INPUT_CODES, EVEN_C1, PAIRED1, BLOCK_K)
     y = dequant_part(acc, rowsum1_ptr, w_scale1_ptr, offs_n, act_scale1, zero_point1, ACT_BITS1)
     if SPLIT:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         acc2 = _conv_part(acc2, x2_ptr, w2_ptr, offs_b, ih0, iw0, offs_n, H, W, C2,
-                          stride_x2b, stride_x2c, stride_x2h, stride_x2w, stride_w2n, act_scale2, zero_point2,
+                          stride_x2b, stride_x2c, stride_x2h, stride_x2w, stride_w2n,
+                          act_scale2, inv_scale2, x_lo2, x_hi2, zero_point2,
                           KH, KW, ACT_BITS2, W_BITS, INPUT_CODES, EVEN_C2, PAIRED2, BLOCK_K)
         y = y + dequant_part(acc2, rowsum2_ptr, w_scale2_ptr, offs_n, act_scale2, zero_point2, ACT_BITS2)
     y = add_bias_terms(y, bias_ptr, bias_correction_ptr, offs_n, HAS_BIAS, HAS_BC)
@@ -151,9 +155,14 @@ def _qconv2d_kernel(
 
 def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int], bias: torch.Tensor | None, bias_correction: torch.Tensor | None,
-                   input_codes: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Launch the conv kernel. ``input_codes``: ``parts[i].x`` already holds uint8 codes
-    (benchmark/test path; output dtype ``out_dtype``, default float16)."""
+                   input_codes: bool = False, out_dtype: torch.dtype | None = None,
+                   memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """Launch the conv kernel.
+
+    ``input_codes``: ``parts[i].x`` already holds uint8 codes (benchmark/test path; output
+    dtype ``out_dtype``, default float16). ``memory_format``: layout of the output, which
+    the kernel writes through its strides (channels-last by default, the fast layout).
+    """
     op = "qconv2d_split" if len(parts) == 2 else "qconv2d"
     check_device(op, [t for p in parts for t in (p.x, p.w, p.w_rowsum, p.w_scale)]
                  + [t for t in (bias, bias_correction) if t is not None])
@@ -173,7 +182,7 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
             raise ValueError(f"{op}: part {i} has K={kh * kw * p.x.shape[1]} > {MAX_K}: "
                              "the int32 accumulator could overflow")
         check_span(op, f"part {i} activation", p.x)
-    y = torch.empty((b, n, oh, ow), dtype=out_dtype, device=x1.device, memory_format=torch.channels_last)
+    y = torch.empty((b, n, oh, ow), dtype=out_dtype, device=x1.device, memory_format=memory_format)
     check_span(op, "output", y)
     m = b * oh * ow
     if m == 0 or n == 0:
@@ -190,7 +199,8 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
         ws[0].stride(0), ws[-1].stride(0),
         *y.stride(),
         sh, sw, ph, pw,
-        float(p1.act_scale), int(p1.act_zero_point), float(p2.act_scale), int(p2.act_zero_point),
+        *act_quant_constants(op, p1.act_scale, p1.act_zero_point, p1.act_bits), int(p1.act_zero_point),
+        *act_quant_constants(op, p2.act_scale, p2.act_zero_point, p2.act_bits), int(p2.act_zero_point),
         KH=kh, KW=kw, ACT_BITS1=int(p1.act_bits), ACT_BITS2=int(p2.act_bits), W_BITS=int(weight_bits), SPLIT=split,
         HAS_BIAS=bias is not None, HAS_BC=bias_correction is not None, INPUT_CODES=bool(input_codes),
         **launch_options(),
@@ -200,16 +210,19 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
 
 def qconv2d_triton(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int], bias: torch.Tensor | None,
-                   bias_correction: torch.Tensor | None) -> torch.Tensor:
-    """Triton quantized conv (inputs validated by :func:`.ops.run_qconv2d`); output channels-last."""
-    return launch_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction)
+                   bias_correction: torch.Tensor | None,
+                   memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """Triton quantized conv (inputs validated by :func:`.ops.run_qconv2d`), output in ``memory_format``."""
+    return launch_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction,
+                          memory_format=memory_format)
 
 
 # ---------------------------------------------------------------- reference
 
 def qconv2d_reference(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequence[int], stride: Sequence[int],
                       padding: Sequence[int], bias: torch.Tensor | None = None,
-                      bias_correction: torch.Tensor | None = None) -> torch.Tensor:
+                      bias_correction: torch.Tensor | None = None,
+                      memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
     """Pure-torch definition of the quantized conv (exact integer contraction in float64)."""
     kh, kw = kernel_size
     ph, pw = padding
@@ -224,4 +237,4 @@ def qconv2d_reference(parts: Sequence[QPart], weight_bits: int, kernel_size: Seq
         centered = acc - p.act_zero_point * p.w_rowsum.to(torch.float64).view(1, -1, 1, 1)
         out = _epilogue(out, centered, p, (1, -1, 1, 1))
     out = add_bias(out, bias, bias_correction, (1, -1, 1, 1))
-    return out.to(parts[0].x.dtype).contiguous(memory_format=torch.channels_last)
+    return out.to(parts[0].x.dtype).contiguous(memory_format=memory_format)

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .autotune import AUTOTUNE_PRUNE, interpreting, launch_options, matmul_configs
 from .layout import QPart, unpack_weight
-from .quantize import quantize_codes
+from .quantize import act_quant_constants, quantize_codes
 from .quantizers import quantize_act
 
 # Largest K per part for which no int32 intermediate can overflow: with shifted codes
@@ -50,8 +50,8 @@ MAX_K = (1 << 16) - 1
 # ---------------------------------------------------------------- shared device functions
 
 @triton.jit
-def act_codes(ptrs, mask, scale, zero_point, ACT_BITS: tl.constexpr, INPUT_CODES: tl.constexpr,
-              MASKED: tl.constexpr):
+def act_codes(ptrs, mask, scale, inv_scale, x_lo, x_hi, zero_point, ACT_BITS: tl.constexpr,
+              INPUT_CODES: tl.constexpr, MASKED: tl.constexpr):
     """Load an activation tile and return its signed int8 codes ``q − 2^(b−1)``.
 
     Masked-off elements read as real zero (float input) or as the code ``Z`` (code input),
@@ -59,7 +59,6 @@ def act_codes(ptrs, mask, scale, zero_point, ACT_BITS: tl.constexpr, INPUT_CODES
     weights are zero anyway.
     """
     SHIFT: tl.constexpr = 1 << (ACT_BITS - 1)
-    QMAX: tl.constexpr = (1 << ACT_BITS) - 1
     if INPUT_CODES:
         if MASKED:
             q = tl.load(ptrs, mask=mask, other=zero_point)
@@ -70,7 +69,7 @@ def act_codes(ptrs, mask, scale, zero_point, ACT_BITS: tl.constexpr, INPUT_CODES
         x = tl.load(ptrs, mask=mask, other=0.0)
     else:
         x = tl.load(ptrs)
-    q = quantize_codes(x, scale, zero_point - SHIFT, -SHIFT, QMAX - SHIFT)
+    q = quantize_codes(x, scale, inv_scale, x_lo, x_hi, zero_point - SHIFT - 0x4B400000)
     return q.to(tl.int8)
 
 
@@ -100,10 +99,9 @@ def weight_tile(w_rows, k_base, c0, c_lim, W_BITS: tl.constexpr, PAIRED: tl.cons
         else:
             b = tl.load(ptrs)
         v = b.to(tl.int8, bitcast=True).to(tl.int32)   # sign-extended byte
-        lo = (v << 28) >> 28                            # even index: low nibble
-        hi = v >> 4                                     # odd index: high nibble
-        w = tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_K))
-        return w.to(tl.int8)
+        lo = ((v << 28) >> 28).to(tl.int8)              # even index: low nibble
+        hi = (v >> 4).to(tl.int8)                       # odd index: high nibble
+        return tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_K))   # [n, j, 2] → [n, 2j + {0, 1}]
     else:
         offs = c0 + tl.arange(0, BLOCK_K)
         k = k_base + offs
@@ -156,7 +154,7 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 @triton.jit
 def _gemm_part(acc, x_ptr, w_ptr, offs_m, offs_n, K, stride_xm, stride_xk, stride_wn,
-               act_scale, zero_point,
+               act_scale, inv_scale, x_lo, x_hi, zero_point,
                ACT_BITS: tl.constexpr, W_BITS: tl.constexpr, INPUT_CODES: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_K: tl.constexpr):
     """K loop of one input part: ``acc += (q(x) − 2^(b−1)) · W_qᵀ`` (int32)."""
@@ -165,7 +163,7 @@ def _gemm_part(acc, x_ptr, w_ptr, offs_m, offs_n, K, stride_xm, stride_xk, strid
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k < K)[None, :]
-        a = act_codes(x_ptrs, k_ok, act_scale, zero_point, ACT_BITS, INPUT_CODES, not EVEN_K)
+        a = act_codes(x_ptrs, k_ok, act_scale, inv_scale, x_lo, x_hi, zero_point, ACT_BITS, INPUT_CODES, not EVEN_K)
         w = weight_tile(w_rows, 0, k0, K, W_BITS, True, not EVEN_K, BLOCK_K)
         acc = tl.dot(a, tl.trans(w), acc)
         x_ptrs += BLOCK_K * stride_xk
@@ -193,8 +191,9 @@ def _qgemm_kernel(
     M, N, K1, K2,
     # strides
     stride_x1m, stride_x1k, stride_x2m, stride_x2k, stride_w1n, stride_w2n, stride_ym, stride_yn,
-    # per-part activation quantizers
-    act_scale1, zero_point1, act_scale2, zero_point2,
+    # per-part activation quantizers: Δ, RN(1/Δ), x clamp range, Z
+    act_scale1, inv_scale1, x_lo1, x_hi1, zero_point1,
+    act_scale2, inv_scale2, x_lo2, x_hi2, zero_point2,
     # meta-parameters
     ACT_BITS1: tl.constexpr, ACT_BITS2: tl.constexpr, W_BITS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BC: tl.constexpr, INPUT_CODES: tl.constexpr,
@@ -212,12 +211,14 @@ def _qgemm_kernel(
     # -- K loops into int32 accumulators, epilogue per part while still in registers
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc = _gemm_part(acc, x1_ptr, w1_ptr, offs_m, offs_n, K1, stride_x1m, stride_x1k, stride_w1n,
-                     act_scale1, zero_point1, ACT_BITS1, W_BITS, INPUT_CODES, EVEN_K1, BLOCK_K)
+                     act_scale1, inv_scale1, x_lo1, x_hi1, zero_point1, ACT_BITS1, W_BITS, INPUT_CODES, EVEN_K1,
+                     BLOCK_K)
     y = dequant_part(acc, rowsum1_ptr, w_scale1_ptr, offs_n, act_scale1, zero_point1, ACT_BITS1)
     if SPLIT:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         acc2 = _gemm_part(acc2, x2_ptr, w2_ptr, offs_m, offs_n, K2, stride_x2m, stride_x2k, stride_w2n,
-                          act_scale2, zero_point2, ACT_BITS2, W_BITS, INPUT_CODES, EVEN_K2, BLOCK_K)
+                          act_scale2, inv_scale2, x_lo2, x_hi2, zero_point2, ACT_BITS2, W_BITS, INPUT_CODES,
+                          EVEN_K2, BLOCK_K)
         y = y + dequant_part(acc2, rowsum2_ptr, w_scale2_ptr, offs_n, act_scale2, zero_point2, ACT_BITS2)
     y = add_bias_terms(y, bias_ptr, bias_correction_ptr, offs_n, HAS_BIAS, HAS_BC)
 
@@ -287,7 +288,8 @@ def launch_qgemm(parts: Sequence[QPart], weight_bits: int, bias: torch.Tensor | 
         m, n, ks[0], ks[1] if split else 0,
         xs[0].stride(0), xs[0].stride(1), x2.stride(0), x2.stride(1), ws[0].stride(0), w2.stride(0),
         y.stride(0), y.stride(1),
-        float(p1.act_scale), int(p1.act_zero_point), float(p2.act_scale), int(p2.act_zero_point),
+        *act_quant_constants(op, p1.act_scale, p1.act_zero_point, p1.act_bits), int(p1.act_zero_point),
+        *act_quant_constants(op, p2.act_scale, p2.act_zero_point, p2.act_bits), int(p2.act_zero_point),
         ACT_BITS1=int(p1.act_bits), ACT_BITS2=int(p2.act_bits), W_BITS=int(weight_bits), SPLIT=split,
         HAS_BIAS=bias is not None, HAS_BC=bias_correction is not None, INPUT_CODES=bool(input_codes),
         **launch_options(),

@@ -22,12 +22,20 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (4, 8)
+# Activation scales the kernels take (their exact fp32 quotient trick needs Δ in this range).
+MIN_ACT_SCALE, MAX_ACT_SCALE = 2.0 ** -100, 2.0 ** 100
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"{what}={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
     return int(bits)
+
+
+def check_act_scale(scale: float, what: str = "activation scale") -> float:
+    if not MIN_ACT_SCALE <= scale <= MAX_ACT_SCALE:
+        raise ValueError(f"{what} {scale!r} outside the supported [2^-100, 2^100]")
+    return scale
 
 
 def act_qmax(bits: int) -> int:
@@ -54,6 +62,7 @@ def act_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
     scale = (hi_t - lo_t) / qmax
     if scale <= 0:  # an all-zero tensor: any positive scale represents it exactly
         scale = torch.tensor(1.0 / qmax, dtype=torch.float32)
+    scale = scale.clamp(MIN_ACT_SCALE, MAX_ACT_SCALE)
     zero_point = int(torch.clamp(-torch.round(lo_t / scale), 0, qmax))
     return float(scale), zero_point
 
@@ -61,8 +70,7 @@ def act_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
 def quantize_act(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
     """Reference activation quantizer: float tensor → unsigned codes (uint8), same shape."""
     qmax = act_qmax(bits)
-    if not scale > 0:
-        raise ValueError(f"activation scale must be > 0, got {scale}")
+    check_act_scale(scale)
     if not 0 <= zero_point <= qmax:
         raise ValueError(f"zero point {zero_point} outside the {bits}-bit code range [0, {qmax}]")
     q = torch.round(x.float() / torch.tensor(scale, dtype=torch.float32)) + zero_point

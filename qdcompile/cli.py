@@ -207,18 +207,13 @@ def cmd_demo(args) -> int:
     }
     print(f"  eps SNR vs FP (t=500):       {summary['eps_snr_db_t500']:.1f} dB")
     print(f"  sample PSNR vs FP (same seeds): {summary['sample_psnr_db_vs_fp']:.1f} dB")
-    try:
-        from .classifier import load_mnist_classifier
+    if args.model == "mnist":
+        from .classifier import digit_metrics
 
-        if args.model == "mnist":
-            clf = load_mnist_classifier(device=device)
-            for label, imgs in (("FP", fp), (recipe.name, quant)):
-                probs = torch.softmax(clf(imgs.float()), dim=1)
-                conf = float((probs.max(dim=1).values > 0.9).float().mean())
-                summary[f"confident_digits_{label}"] = conf
-                print(f"  {label:>5} samples classified as a digit with confidence > 0.9: {conf:.0%}")
-    except FileNotFoundError as e:
-        print(f"  (no digit classifier: {e})")
+        for label, imgs in (("FP", fp), (recipe.name, quant)):
+            conf = digit_metrics(imgs)["confident_fraction"]
+            summary[f"confident_digits_{label}"] = conf
+            print(f"  {label:>5} samples classified as a digit with confidence > 0.9: {conf:.0%}")
     step = {}
     with torch.no_grad():
         step["fp_eager"] = median_seconds(lambda: unet(x, t), device)

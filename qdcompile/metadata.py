@@ -287,7 +287,7 @@ def _layer_from(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tenso
 
 def validate_layer(name: str, rec: LayerQuant) -> None:
     """Check one record's internal consistency (dtypes, shapes, code ranges)."""
-    from .kernels.quantizers import SUPPORTED_BITS, weight_qrange
+    from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, weight_qrange
 
     if rec.weight_bits not in SUPPORTED_BITS:
         raise MetadataError(f"layer {name!r}: weight_bits {rec.weight_bits} not in {SUPPORTED_BITS}")
@@ -309,8 +309,8 @@ def validate_layer(name: str, rec: LayerQuant) -> None:
     for what, bits, scale, zp, wscale in parts:
         if bits not in SUPPORTED_BITS:
             raise MetadataError(f"layer {name!r} {what}: act_bits {bits} not in {SUPPORTED_BITS}")
-        if scale is None or not scale > 0:
-            raise MetadataError(f"layer {name!r} {what}: act_scale must be > 0, got {scale}")
+        if scale is None or not MIN_ACT_SCALE <= scale <= MAX_ACT_SCALE:
+            raise MetadataError(f"layer {name!r} {what}: act_scale must lie in [2^-100, 2^100], got {scale}")
         if zp is None or not 0 <= zp <= (1 << bits) - 1:
             raise MetadataError(f"layer {name!r} {what}: act_zero_point {zp} outside [0, {(1 << bits) - 1}]")
         if tuple(wscale.shape) != (n,):

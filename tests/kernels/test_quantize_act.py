@@ -73,6 +73,27 @@ def test_division_not_reciprocal():
     assert torch.equal(got, quantize_act_reference(x.to(DEVICE), float(scale), 128, 8))
 
 
+@pytest.mark.parametrize("scale", [0.0371, 1.0, 2.0 ** -20 * 1.9999999, 1.0000001, 3.1e-5, 1 / 3, 7.77e4, 2.0 ** -100])
+def test_every_value_near_rounding_boundaries(scale):
+    """All fp32 x within ±64 ulps of RN((k + ½)·Δ) for k ∈ [−256, 256]: the only places where
+    the division's last bit decides the code. The kernel divides without a division
+    instruction (reciprocal + two FMA refinements): it must agree everywhere here."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    mids = (torch.arange(-256, 257, dtype=torch.float64) + 0.5).float() * s
+    bits = mids.view(torch.int32).to(torch.int64)[:, None] + torch.arange(-64, 65)[None, :]
+    x = bits.to(torch.int32).view(torch.float32).flatten()
+    x = x[torch.isfinite(x)].to(DEVICE)
+    for zp, bits_ in ((128, 8), (0, 8), (255, 8), (8, 4)):
+        assert torch.equal(quantize_act_triton(x, float(s), zp, bits_), quantize_act_reference(x, float(s), zp, bits_))
+
+
+def test_scale_range_is_checked():
+    x = torch.randn(4, device=DEVICE)
+    for bad in (2.0 ** -101, 2.0 ** 101, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="activation scale"):
+            quantize_act_triton(x, bad, 0, 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_public_op_keeps_layout(dtype):
     gen = torch.Generator().manual_seed(1)
