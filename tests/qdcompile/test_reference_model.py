@@ -25,11 +25,11 @@ def test_shipped_model_makes_digits():
     images = qdcompile.sample(unet, scheduler, num_images=32, num_inference_steps=50,
                               generator=torch.Generator().manual_seed(0), progress=False)
     m = digit_metrics(images)
-    # A 1.1M-parameter DDPM trained for ~1 h on one CPU core: its digits are recognisable to a
-    # person (see the demo grid) but often thin or skewed, so the classifier (>99% on real
-    # MNIST) is confident on 40-45% of them (0.44 on 64 samples at training time); random
-    # noise or a collapsed model scores ~0 and hits few classes.
-    assert m["confident_fraction"] >= 0.3 and m["mean_confidence"] >= 0.7, m
+    # A 1.1M-parameter DDPM trained for ~1 h on one CPU core. The classifier (99.0% held-out
+    # accuracy; confident > 0.9 on 96.7% of real digits) is confident on 0.76-0.81 of its
+    # 50-step samples (512 and 64 samples measured); random noise or a collapsed model scores
+    # near 0 and hits few classes. 0.6 leaves room for the 32-sample draw here.
+    assert m["confident_fraction"] >= 0.6 and m["mean_confidence"] >= 0.8, m
     assert sum(c > 0 for c in m["histogram"]) >= 8, m["histogram"]  # no mode collapse
 
 
