@@ -348,7 +348,6 @@ def train_reference(
     return out_dir
 
 
-@torch.no_grad()
 def generate_samples(
     unet,
     scheduler,
@@ -358,27 +357,9 @@ def generate_samples(
     batch_size: int = 256,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Ancestral sampling with ``scheduler`` (e.g. the shipped ``DDPMScheduler``).
+    """Seeded ancestral sampling (:func:`qdcompile.sample`); float32 images in ``[0, 1]`` on the CPU."""
+    from .sampling import sample
 
-    Note that this calls ``scheduler.set_timesteps(num_inference_steps)``.
-
-    Returns:
-        float32 images in ``[0, 1]``, shape ``[num_samples, C, H, W]``, on the CPU.
-    """
-    from tqdm.auto import tqdm
-
-    param = next(unet.parameters())
-    cfg = unet.config
-    gen = torch.Generator().manual_seed(seed)
-    scheduler.set_timesteps(num_inference_steps)
-    out = []
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        x = torch.randn((count, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=gen)
-        x = x.to(device=param.device, dtype=param.dtype)
-        for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
-            eps = unet(x, t).sample
-            # Noise drawn on the CPU with our generator keeps results device-independent.
-            x = scheduler.step(eps, t, x, generator=gen).prev_sample.to(param.dtype)
-        out.append(x.float().cpu())
-    return torch.cat(out).add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+    return sample(unet, scheduler, num_images=num_samples, num_inference_steps=num_inference_steps,
+                  generator=torch.Generator().manual_seed(seed), batch_size=batch_size, progress=progress,
+                  to_image=True).cpu()
