@@ -84,7 +84,7 @@ def weight_digest(weight: torch.Tensor) -> torch.Tensor:
     Stable under dtype casts (fp16/bf16 change it by < 1%), different for other weights.
     """
     w = weight.detach().float().reshape(-1)
-    idx = torch.linspace(0, w.numel() - 1, 8).round().long().to(w.device)
+    idx = torch.linspace(0, w.numel() - 1, 8, dtype=torch.float64).round().long().to(w.device)
     return torch.cat([w.abs().mean()[None], w.pow(2).mean().sqrt()[None], w[idx]]).cpu()
 
 

@@ -1,0 +1,157 @@
+"""Benchmark library and scripts: size/BOPs arithmetic, PTQD Table 2, latency --smoke."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qdcompile import QuantRecipe
+from qdcompile import benchmark as qb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Toy(nn.Module):
+    """conv_in 3→8 (3×3, pad 1), GroupNorm(2, 8), a grouped conv (no integer kernel),
+    self-attention over the 16 pixels (diffusers Attention, one head of 8), linear 8→4."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2, bias=False)
+        self.attn = Attention(8, heads=1, dim_head=8)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x, t=None):
+        h = self.grouped(self.norm(self.conv_in(x)))          # [1, 8, 4, 4]
+        tokens = h.flatten(2).transpose(1, 2)                   # [1, 16, 8]
+        return self.proj(self.attn(tokens))                     # [1, 16, 4]
+
+
+def _toy_census():
+    with torch.device("meta"):
+        m = _Toy()
+    return qb.census(m, inputs=(torch.empty(1, 3, 4, 4, device="meta"), torch.empty(0), {}), name="toy")
+
+
+def test_census_counts_by_hand():
+    c = _toy_census()
+    by = {layer.name: layer for layer in c.layers}
+    assert set(by) == {"conv_in", "grouped", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj"}
+    assert (by["conv_in"].weight_params, by["conv_in"].bias_params, by["conv_in"].macs) == (216, 8, 16 * 8 * 27)
+    assert (by["grouped"].weight_params, by["grouped"].macs) == (32, 16 * 8 * 4)
+    assert by["grouped"].unsupported and "groups" in by["grouped"].unsupported
+    for n in ("attn.to_q", "attn.to_k", "attn.to_v"):
+        assert (by[n].weight_params, by[n].bias_params, by[n].macs) == (64, 0, 16 * 64)
+    assert (by["attn.to_out.0"].bias_params, by["proj"].weight_params, by["proj"].macs) == (8, 32, 16 * 32)
+    assert c.attention_macs == {"attn": 2 * 16 * 16 * 8}        # QKᵀ and AV, 16 tokens, inner dim 8
+    assert c.other_params == {"GroupNorm": 16}
+    assert c.total_params == 216 + 8 + 16 + 32 + 3 * 64 + 64 + 8 + 32 + 4
+
+
+def test_size_and_bops_by_hand():
+    c = _toy_census()
+    fp32 = qb.model_size(c, None, float_bytes=4)
+    assert fp32.total_bytes == 4 * c.total_params == 4 * 572
+    # W8A8: 6 quantized layers (grouped conv stays float): codes 1 B/weight; scales 4 B/out channel + 8 B/layer
+    w8 = qb.model_size(c, QuantRecipe.w8a8(), float_bytes=4)
+    q_weights = 216 + 3 * 64 + 64 + 32
+    assert w8.bytes["weights_q"] == q_weights
+    assert w8.bytes["scales"] == 4 * (8 + 8 + 8 + 8 + 8 + 4) + 6 * 8
+    assert w8.bytes["float_weights"] == 4 * 32 and w8.bytes["bias"] == 4 * 20 and w8.bytes["other"] == 4 * 16
+    assert qb.model_size(c, QuantRecipe.w8a8(), count_scales=False).total_bytes == q_weights + 4 * (32 + 20 + 16)
+    assert w8.runtime_bytes == 4 * 44
+    # W4A8 keeps conv_in at 8 bit; int4 rows of K=8 pack into 4 bytes
+    w4 = qb.model_size(c, QuantRecipe.w4a8(), float_bytes=2, count_scales=False)
+    assert w4.bytes["weights_q"] == 216 + 4 * (8 * 4) + 4 * 4
+    assert w4.bytes["float_weights"] == 2 * 32 and w4.params["quantized_8bit"] == 216
+    macs_conv, macs_lin, macs_grouped = 16 * 8 * 27, 4 * 16 * 64 + 16 * 32, 16 * 8 * 4
+    b = qb.bops(c, QuantRecipe.w4a8())
+    assert b["layers"] == macs_conv * 8 * 8 + macs_lin * 4 * 8 + macs_grouped * 32 * 32
+    assert b["attention"] == 2 * 16 * 16 * 8 * 32 * 32
+    assert qb.bops(c, None, float_bits=16)["layers"] == (macs_conv + macs_lin + macs_grouped) * 256
+    # weight-only recipe: activations stay float
+    wo = QuantRecipe.w8a8(act_bits=None)
+    assert qb.bops(c, wo)["layers"] == (macs_conv + macs_lin) * 8 * 32 + macs_grouped * 32 * 32
+    # torchao-style linear-only quantization
+    lin = qb.model_size(c, QuantRecipe.w8a8(), ops=("linear",), count_scales=False)
+    assert lin.bytes["weights_q"] == 4 * 64 + 32
+
+
+def test_ptqd_table2_sizes_reproduced():
+    t = qb.ptqd_table2()
+    assert t["params"] == 400_920_579 and t["groupnorm_params"] == 82_560
+    for row in t["rows"]:
+        assert round(row["exact_convention_MB"], 2) == row["paper_MB"], row
+        assert abs(row["first_last_convention_MB"] - row["paper_MB"]) < 0.011, row
+    fp = t["rows"][0]
+    assert abs(fp["qdcompile_TBOPs"] - fp["paper_TBOPs"]) / fp["paper_TBOPs"] < 0.001   # FP32 BOPs agree to 0.1 %
+
+
+def test_sd_configs_param_counts():
+    assert qb.config_census("sd15").total_params == 859_520_964
+    sdxl = qb.config_census("sdxl")
+    assert sdxl.total_params == 2_567_463_684 and sdxl.resolution == (128, 128)
+
+
+@pytest.mark.parametrize("name,cat", [
+    ("_qgemm_kernel", "qdiff int GEMM/conv (Triton)"), ("_qconv2d_kernel", "qdiff int GEMM/conv (Triton)"),
+    ("_quantize_act_kernel", "qdiff act quantize"),
+    ("triton_red_fused_native_group_norm_3", "norms"), ("triton_poi_fused_add_convolution_7", "elementwise/other"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "attention"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "float GEMM/conv (cuBLAS/cuDNN/Inductor)"),
+    ("void cudnn::ops::nchwToNhwcKernel", "elementwise/other"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16", "float GEMM/conv (cuBLAS/cuDNN/Inductor)"),
+    ("void at::native::vectorized_elementwise_kernel<4, SiLU>", "elementwise/other"),
+])
+def test_classify_kernel(name, cat):
+    assert qb.classify_kernel(name) == cat
+
+
+def test_bench_size_subcommand(capsys, tmp_path):
+    parser = argparse.ArgumentParser()
+    qb.add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "size", "--models", "mnist", "--recipes", "fp32", "w8a8",
+                              "--json", str(tmp_path / "s.json")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "mnist" in out and "w8a8" in out
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["fp32", "w8a8"] and rows[1]["MB"] < rows[0]["MB"] / 3
+
+
+def test_latency_smoke_cpu_writes_json(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(QDCOMPILE_KERNELS="reference", QDCOMPILE_INDUCTOR="0", CUDA_VISIBLE_DEVICES="")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "latency.py"), "--smoke", "--device", "cpu",
+                           "--out-dir", str(tmp_path), "--tag", "smoke"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CPU timings say nothing about GPU speed" in proc.stdout
+    (path,) = tmp_path.glob("latency-cpu-*-smoke.json")
+    data = json.loads(path.read_text())
+    assert {"torch", "triton", "diffusers", "gpu"} <= set(data["env"]) and "latency.py" in data["command"]
+    rows = {r["contender"]: r for r in data["rows"]}
+    assert rows["fp-eager"]["status"] == "ok" and rows["fp-eager"]["step_s"] > 0
+    q = rows["qdiff-w8a8"]
+    assert q["status"] == "ok", q
+    assert q["step_s"] > 0 and q["e2e_s"] > 0 and q["weight_bytes"] < rows["fp-eager"]["weight_bytes"]
+    assert q["layers"]["quantized"] > 0 and q["snr_db_vs_fp_eager"] > 10
+    assert q["profile"]["per_step_ms"]["qdiff int GEMM/conv (Triton)"] > 0
+    assert rows["qdiff-mixed"]["status"] == "unavailable"
+    assert rows["torchao-int8"]["status"] in ("unavailable", "skipped", "ok")
+    assert path.with_suffix(".csv").exists() and (tmp_path / (path.stem + "-profile.txt")).exists()
+    print(f"latency --smoke took {time.perf_counter() - t0:.1f}s")
