@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     _common(p)
     p.set_defaults(func=cmd_train_reference)
+
+    from .benchmark import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
