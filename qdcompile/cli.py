@@ -1,4 +1,4 @@
-"""``qdcompile`` command line: demo, calibrate, sample, train-reference."""
+"""``qdcompile`` command line: demo, calibrate, sample, eval, bench, train-reference."""
 
 from __future__ import annotations
 
@@ -12,6 +12,18 @@ from pathlib import Path
 from typing import Callable
 
 logger = logging.getLogger("qdcompile")
+
+
+def snr_db(ref, test) -> float:
+    from .evaluate import snr_db as _snr_db
+
+    return _snr_db(ref, test)
+
+
+def psnr_db(ref, test) -> float:
+    from .evaluate import psnr_db as _psnr_db
+
+    return _psnr_db(ref, test)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -58,21 +70,6 @@ def median_seconds(fn: Callable[[], object], device: str, repeats: int = 10, war
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def snr_db(ref, test) -> float:
-    import torch
-
-    noise = (test.float() - ref.float()).pow(2).mean()
-    return float(10 * torch.log10(ref.float().pow(2).mean() / noise.clamp_min(1e-30)))
-
-
-def psnr_db(ref, test) -> float:
-    """PSNR of images in [0, 1]."""
-    import torch
-
-    mse = (test.float() - ref.float()).pow(2).mean().clamp_min(1e-12)
-    return float(10 * torch.log10(1.0 / mse))
 
 
 def _sample_kwargs(unet, path: str | None, device: str, dtype):
@@ -289,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_reference)
 
     from .benchmark import add_bench_parser
+    from .evaluate import add_eval_parser
 
     add_bench_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
