@@ -212,7 +212,9 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats
         stats.split += len(parts) == 2
         with graph.inserting_before(node):
             new = graph.call_function(target, tuple(qargs), {"bias": args["bias"]})
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+        # same output as the float call: keep its shape info (a later split concat reads it)
+        new.meta.update({k: v for k, v in node.meta.items()
+                         if k in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         mode = qops.kernel_mode(weight.device)

@@ -22,7 +22,7 @@ _EXPORTS = {
     "QuantRecipe": "recipe",
     "QuantMetadata": "metadata", "LayerQuant": "metadata", "SplitPart": "metadata",
     "MetadataError": "metadata", "load_metadata": "metadata",
-    "calibrate": "calibrate", "collect_calibration_set": "calibrate",
+    "calibrate": "calibration", "collect_calibration_set": "calibration",
     "attach": "api", "detach": "api", "report": "api",
     "sample": "sampling",
     "reference_model": "reference_models",
@@ -46,7 +46,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import attach, detach, report
-    from .calibrate import calibrate, collect_calibration_set
+    from .calibration import calibrate, collect_calibration_set
     from .metadata import LayerQuant, MetadataError, QuantMetadata, SplitPart, load_metadata
     from .recipe import QuantRecipe
     from .reference_models import reference_model

@@ -833,7 +833,7 @@ class _Run:
         self.log(f"  {row['label']}: sampled in {self.fp_s:.1f}s")
 
     def quantized_row(self, row: dict[str, Any], cfg: EvalConfig, recipe) -> None:
-        from .calibrate import calibrate
+        from .calibration import calibrate
 
         o = self.opts
         kept = f", {o.calib_steps} kept" if o.calib_steps else ""

@@ -10,7 +10,9 @@ from typing import Any
 RECIPE_VERSION = 1
 
 _OBSERVERS = ("minmax", "percentile")
-_METHODS = ("rtn",)
+_WEIGHT_OBSERVERS = ("minmax", "mse")
+_METHODS = ("rtn", "qdiffusion")
+_RECON_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "Attention")
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,22 @@ class QuantRecipe:
 
     * ``weight_bits`` / ``act_bits``: 4 or 8; ``act_bits=None`` keeps layer inputs in float
       (weight-only quantization).
-    * ``method``: ``"rtn"`` — round-to-nearest with min-max per-channel weight scales.
+    * ``method``: ``"rtn"`` — round-to-nearest weights, observed activation ranges;
+      ``"qdiffusion"`` — block reconstruction (BRECQ): AdaRound weight rounding, then
+      LSQ-style activation step sizes, block by block against the float model.
+    * ``weight_observer``: per-channel weight scale: ``"minmax"`` (max |W|) or ``"mse"``
+      (clipping ratio searched per channel for the least rounding error).
+    * ``split``: shortcut-split quantization of layers fed by a channel concatenation
+      (up-block ResNet ``conv_shortcut``): per-part activation quantizers and weight scales.
+    * ``recon_*`` / ``adaround_*`` / ``act_lsq_*`` (``qdiffusion`` only): ``recon_iters``
+      AdaRound steps per block (batch ``recon_batch_size``, Adam lr ``recon_lr``), rounding
+      regularizer ``adaround_reg_weight · Σ 1 − |2h(V) − 1|^β`` off for the first
+      ``recon_warmup`` fraction, then β annealed linearly from ``adaround_beta[0]`` to
+      ``adaround_beta[1]``; ``act_lsq_iters`` steps of Adam (lr ``act_lsq_lr``, on log Δ) for
+      the activation step sizes. ``recon_units``: module class names reconstructed as one
+      block; conv/linear layers outside them are reconstructed one by one. The defaults
+      are sized for minutes on a small model (the papers run 20k AdaRound steps at lr 1e-3
+      per block); raise ``recon_iters`` for large models on a GPU.
     * ``act_observer``: ``"minmax"`` (running min/max over the calibration set) or
       ``"percentile"`` (mean over calibration batches of the ``act_percentile`` /
       ``100 − act_percentile`` quantiles, clipping rare outliers).
@@ -32,10 +49,21 @@ class QuantRecipe:
     weight_bits: int = 8
     act_bits: int | None = 8
     method: str = "rtn"
+    weight_observer: str = "minmax"
     act_observer: str = "minmax"
     act_percentile: float = 99.99
+    split: bool = False
     keep_8bit: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
+    recon_iters: int = 1000
+    recon_lr: float = 1e-2
+    recon_batch_size: int = 32
+    recon_warmup: float = 0.2
+    adaround_reg_weight: float = 0.01
+    adaround_beta: tuple[float, float] = (20.0, 2.0)
+    act_lsq_iters: int = 300
+    act_lsq_lr: float = 5e-3
+    recon_units: tuple[str, ...] = _RECON_UNITS
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
@@ -45,14 +73,46 @@ class QuantRecipe:
             raise ValueError(f"QuantRecipe.act_bits must be 4, 8 or None, got {self.act_bits!r}")
         if self.method not in _METHODS:
             raise ValueError(f"QuantRecipe.method must be one of {_METHODS}, got {self.method!r}")
+        if self.weight_observer not in _WEIGHT_OBSERVERS:
+            raise ValueError(f"QuantRecipe.weight_observer must be one of {_WEIGHT_OBSERVERS}, "
+                             f"got {self.weight_observer!r}")
         if self.act_observer not in _OBSERVERS:
             raise ValueError(f"QuantRecipe.act_observer must be one of {_OBSERVERS}, got {self.act_observer!r}")
         if not 50.0 < self.act_percentile <= 100.0:
             raise ValueError(f"QuantRecipe.act_percentile must be in (50, 100], got {self.act_percentile}")
+        if not isinstance(self.split, bool):
+            raise ValueError(f"QuantRecipe.split must be True or False, got {self.split!r}")
+        if self.split and self.act_bits is None:
+            raise ValueError("QuantRecipe.split=True needs act_bits: each part of a split layer carries its own "
+                             "activation quantizer (use split=False for weight-only recipes)")
+        for knob in ("recon_iters", "recon_batch_size", "act_lsq_iters"):
+            v = getattr(self, knob)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if knob == "recon_batch_size" else 0):
+                raise ValueError(f"QuantRecipe.{knob} must be an integer >= {1 if knob == 'recon_batch_size' else 0}, "
+                                 f"got {v!r}")
+        for knob in ("recon_lr", "act_lsq_lr"):
+            if not getattr(self, knob) > 0:
+                raise ValueError(f"QuantRecipe.{knob} must be > 0, got {getattr(self, knob)!r}")
+        if not 0.0 <= self.recon_warmup < 1.0:
+            raise ValueError(f"QuantRecipe.recon_warmup must be in [0, 1), got {self.recon_warmup!r}")
+        if not self.adaround_reg_weight >= 0:
+            raise ValueError(f"QuantRecipe.adaround_reg_weight must be >= 0, got {self.adaround_reg_weight!r}")
+        try:
+            beta = tuple(float(b) for b in self.adaround_beta)
+        except (TypeError, ValueError):
+            beta = ()
+        if len(beta) != 2 or not beta[0] >= beta[1] > 0:
+            raise ValueError(f"QuantRecipe.adaround_beta must be (start, end) with start >= end > 0, "
+                             f"got {self.adaround_beta!r}")
+        if isinstance(self.recon_units, str) or not isinstance(self.recon_units, (tuple, list)) \
+                or not all(isinstance(u, str) and u for u in self.recon_units):
+            raise ValueError(f"QuantRecipe.recon_units must be a sequence of module class names, got {self.recon_units!r}")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads {RECIPE_VERSION})")
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
         object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "adaround_beta", beta)
+        object.__setattr__(self, "recon_units", tuple(self.recon_units))
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -62,8 +122,15 @@ class QuantRecipe:
 
     @classmethod
     def w4a8(cls, **overrides: Any) -> "QuantRecipe":
-        """4-bit weights, 8-bit activations; first and last layers at 8 bit."""
-        return cls(**{"name": "w4a8", "weight_bits": 4, "act_bits": 8,
+        """4-bit weights, 8-bit activations, Q-Diffusion: block reconstruction (AdaRound +
+        LSQ) on MSE-searched weight scales, shortcut-split; first and last layers at 8 bit.
+
+        ``w4a8(method="rtn", split=False)`` is the linear-quantization baseline (min-max
+        weight scales, round to nearest); ``w4a8(method="rtn")`` keeps the split.
+        """
+        method = overrides.get("method", "qdiffusion")
+        return cls(**{"name": "w4a8", "weight_bits": 4, "act_bits": 8, "method": method, "split": True,
+                      "weight_observer": "mse" if method == "qdiffusion" else "minmax",
                       "keep_8bit": ("conv_in", "conv_out"), **overrides})
 
     @classmethod
@@ -84,6 +151,8 @@ class QuantRecipe:
         d = dataclasses.asdict(self)
         d["keep_8bit"] = list(self.keep_8bit)
         d["skip"] = list(self.skip)
+        d["adaround_beta"] = list(self.adaround_beta)
+        d["recon_units"] = list(self.recon_units)
         return d
 
     @classmethod

@@ -33,3 +33,12 @@ def reference_kernels(monkeypatch):
     """Route ``torch.ops.qdiff.*`` to the pure-torch reference for one test."""
     monkeypatch.setenv("QDCOMPILE_KERNELS", "reference")
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: on 2-core CI machines a second thread competes with Inductor's
+    compile workers and makes small convs 10-70x slower (measured here)."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -28,7 +28,8 @@ def _inputs(unet, batch=2, seed=0):
     return torch.randn(batch, c, s, s, generator=g), torch.randint(0, 1000, (batch,), generator=g)
 
 
-@pytest.mark.parametrize("recipe", [QuantRecipe.w8a8(), QuantRecipe.w4a8()], ids=["w8a8", "w4a8"])
+@pytest.mark.parametrize("recipe", [QuantRecipe.w8a8(), QuantRecipe.w4a8(method="rtn", split=False)],
+                         ids=["w8a8", "w4a8-rtn"])
 def test_unet2d_fullgraph_matches_simulation(recipe):
     unet, meta = _calibrated(tiny_unet2d, recipe)
     n_conv = sum(op == "conv2d" for _, op in conv_linear_layers(unet).values())
@@ -131,7 +132,7 @@ def test_unsupported_layer_falls_back_visibly():
     assert "groups=2" in unsupported_reason(m.b, "conv2d")
     # Bind records for both convs by hand (calibrate only takes U-Nets): the grouped one must
     # fall back with the reason, the other runs the kernel.
-    from qdcompile.calibrate import quantize_layer
+    from qdcompile.calibration import quantize_layer
     from qdcompile.passes import registry
 
     decisions = {}
@@ -150,7 +151,7 @@ def test_unsupported_layer_falls_back_visibly():
 def test_split_concat_layers_route_to_split_kernel():
     """A record with `split` on an up-block conv_shortcut (input = cat(deep, skip)) becomes
     qconv2d_split fed by the two concat inputs, and still matches the simulation."""
-    from qdcompile.calibrate import observe_ranges
+    from qdcompile.calibration import observe_ranges
     from qdcompile.kernels.quantizers import act_qparams, quantize_weight, weight_scales
     from qdcompile.metadata import SplitPart
 

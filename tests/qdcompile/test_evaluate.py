@@ -256,7 +256,7 @@ def test_qdiff_and_simulate_give_the_same_snr(monkeypatch):
     """The compiled integer path and the fake-quant simulation of one metadata agree."""
     from qdcompile import QuantRecipe
     from qdcompile.api import attached_metadata
-    from qdcompile.calibrate import calibrate
+    from qdcompile.calibration import calibrate
 
     monkeypatch.setenv("QDCOMPILE_INDUCTOR", "0")   # rewritten graph without Inductor: fast to compile
     unet, sched = tiny_unet2d(seed=2), scheduler()

@@ -1,0 +1,404 @@
+"""Time-step-aware, data-free calibration (Q-Diffusion; METHODS §2).
+
+1. Run the full-precision sampler from Gaussian noise and keep the U-Net inputs ``x_t``
+   (with ``t`` and each sample's conditioning) at time steps spread uniformly over the whole
+   trajectory, the same number of samples at each kept step: the calibration set
+   (``num_samples`` trajectories × ``num_calib_steps`` steps, optionally only
+   ``samples_per_step`` of the trajectories at each step).
+2. With ``recipe.split``, find the layers fed by a skip concatenation (:mod:`.split`).
+3. Feed the calibration set through the float model with observers on the input of
+   every quantizable conv/linear (min-max or percentile; per part for split layers).
+4. Round-to-nearest records: per-output-channel symmetric weight scales (min-max or
+   MSE-searched) and per-tensor asymmetric activation quantizers (METHODS §1).
+5. ``method="qdiffusion"``: block reconstruction (:mod:`.reconstruct`) refines the weight
+   rounding (AdaRound), then the activation step sizes (LSQ), block by block.
+
+With ``checkpoint=path`` the calibration set and every finished block are saved
+(atomically); calling again with the same path resumes after the last finished block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .kernels.quantizers import act_qparams, quantize_weight, weight_qrange, weight_scales
+from .layers import conv_linear_layers, unsupported_reason
+from .metadata import LayerQuant, QuantMetadata, SplitPart, model_identity, weight_digest
+from .recipe import QuantRecipe
+from .sampling import call_unet, sample, unwrap
+from .split import find_split_layers, quantize_split_layer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class CalibrationSet:
+    """U-Net inputs collected along FP sampling trajectories (kept on the CPU).
+
+    Entry ``i`` is one batch at one step: ``x[i]`` ``[B, C, H, W]``, the scalar timestep
+    ``t[i]`` and ``kwargs[i]``, the conditioning of those ``B`` samples (tensors batch-first).
+    """
+
+    x: list[torch.Tensor] = field(default_factory=list)
+    t: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    step_indices: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(x.shape[0] for x in self.x)
+
+    def batches(self, device: torch.device, dtype: torch.dtype):
+        for x, t, kw in zip(self.x, self.t, self.kwargs):
+            yield (x.to(device, dtype), t.to(device),
+                   {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def calibration_steps(num_inference_steps: int, num_calib_steps: Optional[int]) -> list[int]:
+    """Indices of the sampling steps kept: ``num_calib_steps`` spread uniformly over all steps."""
+    n = num_inference_steps if num_calib_steps is None else min(num_calib_steps, num_inference_steps)
+    if n < 1:
+        raise ValueError(f"num_calib_steps must be >= 1, got {num_calib_steps}")
+    return sorted({round(i * (num_inference_steps - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+def _take(kwargs: dict[str, Any], idx: torch.Tensor, batch: int) -> dict[str, Any]:
+    return {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v)
+            for k, v in kwargs.items()}
+
+
+def collect_calibration_set(unet, scheduler, *, num_samples: int = 64, num_inference_steps: int = 50,
+                            num_calib_steps: Optional[int] = None, samples_per_step: Optional[int] = None,
+                            batch_size: Optional[int] = None, sample_kwargs: Optional[dict[str, Any]] = None,
+                            seed: int = 0, progress: bool = True) -> CalibrationSet:
+    """Sample ``num_samples`` trajectories with the float model; keep their inputs at
+    ``num_calib_steps`` uniformly spread steps. ``samples_per_step`` keeps only that many
+    trajectories (a fresh random choice per step), so the set covers more trajectories for
+    its size. Per-sample conditioning in ``sample_kwargs`` stays with its sample."""
+    keep = calibration_steps(num_inference_steps, num_calib_steps)
+    if samples_per_step is not None and not 1 <= samples_per_step <= num_samples:
+        raise ValueError(f"samples_per_step must be in [1, num_samples={num_samples}], got {samples_per_step}")
+    chooser = torch.Generator().manual_seed(seed + 1)
+    chosen = {i: (torch.randperm(num_samples, generator=chooser)[:samples_per_step].sort().values
+                  if samples_per_step is not None else None) for i in keep}
+    batch_size = batch_size or num_samples
+    calib = CalibrationSet()
+    batch_start = [-batch_size]
+
+    def record(i: int, t: torch.Tensor, x: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        if i == 0:
+            batch_start[0] += batch_size
+        if i not in chosen:
+            return
+        kw = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        x = x.detach().cpu()
+        if chosen[i] is not None:
+            lo = batch_start[0]
+            idx = chosen[i][(chosen[i] >= lo) & (chosen[i] < lo + x.shape[0])] - lo
+            if idx.numel() == 0:
+                return
+            kw, x = _take(kw, idx, x.shape[0]), x[idx]
+        calib.x.append(x)
+        calib.t.append(t.detach().cpu())
+        calib.kwargs.append(kw)
+        calib.step_indices.append(i)
+
+    generator = torch.Generator().manual_seed(seed)
+    sample(unet, scheduler, num_images=num_samples, num_inference_steps=num_inference_steps, generator=generator,
+           batch_size=batch_size, sample_kwargs=sample_kwargs, progress=progress, callback=record, to_image=False)
+    return calib
+
+
+class _RangeObserver:
+    """Observes the input range of one layer: running min/max, or mean per-batch percentiles."""
+
+    def __init__(self, mode: str, percentile: float):
+        self.mode, self.q = mode, percentile / 100.0
+        self.lo: list[float] = []
+        self.hi: list[float] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if self.mode == "minmax":
+            self.lo.append(float(x.min()))
+            self.hi.append(float(x.max()))
+        else:
+            flat = x.reshape(-1)
+            if flat.numel() > 1 << 20:  # torch.quantile limit; a strided subsample keeps it cheap
+                flat = flat[:: math.ceil(flat.numel() / (1 << 20))]
+            qs = torch.quantile(flat, torch.tensor([1 - self.q, self.q], device=flat.device))
+            self.lo.append(float(qs[0]))
+            self.hi.append(float(qs[1]))
+
+    def range(self) -> tuple[float, float]:
+        if not self.lo:
+            raise RuntimeError("observer saw no input")
+        if self.mode == "minmax":
+            return min(self.lo), max(self.hi)
+        return sum(self.lo) / len(self.lo), sum(self.hi) / len(self.hi)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@torch.no_grad()
+def observe_ranges(unet, calib: CalibrationSet, names: list[str], recipe: QuantRecipe, progress: bool = True,
+                   splits: Optional[dict[str, tuple[int, ...]]] = None) -> dict[str, Any]:
+    """Input range of each named layer over the calibration set: ``(lo, hi)``, or for a layer
+    in ``splits`` (name → part channel counts along dim 1) a list with one range per part."""
+    base = unwrap(unet)
+    modules = dict(base.named_modules())
+    splits = splits or {}
+    observers = {n: [_RangeObserver(recipe.act_observer, recipe.act_percentile) for _ in splits.get(n, (0,))]
+                 for n in names}
+
+    def hook(name):
+        def observe(module, args):
+            chunks = torch.split(args[0], list(splits[name]), dim=1) if name in splits else (args[0],)
+            for obs, chunk in zip(observers[name], chunks):
+                obs.observe(chunk)
+        return observe
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    param = next(base.parameters())
+    try:
+        for x, t, kw in tqdm(calib.batches(param.device, param.dtype), total=len(calib.x),
+                             desc="observing activations", disable=not progress):
+            call_unet(base, x, t, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    unseen = [n for n, o in observers.items() if not o[0].lo]
+    if unseen:
+        logger.warning("layers never executed during calibration (kept in float): %s", unseen)
+    return {n: ([o.range() for o in obs] if n in splits else obs[0].range())
+            for n, obs in observers.items() if obs[0].lo}
+
+
+def mse_weight_scales(weight: torch.Tensor, bits: int, ratios: int = 36, lowest: float = 0.3) -> torch.Tensor:
+    """Per-output-channel symmetric scales with the clipping ratio (``lowest`` … 1 of max |W|)
+    that minimises each channel's squared rounding error; float32 ``[N]``."""
+    qmin, qmax = weight_qrange(bits)
+    w = weight.detach().float().reshape(weight.shape[0], -1)
+    amax = w.abs().amax(dim=1)
+    best_err = torch.full_like(amax, float("inf"))
+    best = weight_scales(weight, bits)
+    for r in torch.linspace(1.0, lowest, ratios).tolist():
+        s = amax * r / qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        err = ((torch.round(w / s[:, None]).clamp(qmin, qmax) * s[:, None] - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+def weight_scale_fn(recipe: QuantRecipe):
+    return mse_weight_scales if recipe.weight_observer == "mse" else weight_scales
+
+
+def layer_bits(name: str, recipe: QuantRecipe) -> tuple[int, int | None]:
+    if _matches(name, recipe.keep_8bit):
+        return 8, (8 if recipe.act_bits is not None else None)
+    return recipe.weight_bits, recipe.act_bits
+
+
+def quantize_layer(module: torch.nn.Module, op: str, weight_bits: int, act_bits: int | None,
+                   act_range: tuple[float, float] | None, scale: Optional[torch.Tensor] = None) -> LayerQuant:
+    """Round-to-nearest record of one layer from its weight and observed input range
+    (``scale``: per-output-channel weight scales; default min-max)."""
+    w = module.weight.detach()
+    scale = (weight_scales(w, weight_bits) if scale is None else scale).float().cpu()
+    act_scale = act_zp = None
+    if act_bits is not None:
+        act_scale, act_zp = act_qparams(act_range[0], act_range[1], act_bits)
+    return LayerQuant(op=op, weight_bits=weight_bits, act_bits=act_bits,
+                      weight_q=quantize_weight(w, scale.to(w.device), weight_bits).cpu(), weight_scale=scale,
+                      act_scale=act_scale, act_zero_point=act_zp, act_range=act_range,
+                      weight_digest=weight_digest(w))
+
+
+# ---------------------------------------------------------------------------- checkpoint
+def _record_state(rec: LayerQuant) -> dict[str, Any]:
+    return dataclasses.asdict(rec)
+
+
+def _record_from(state: dict[str, Any]) -> LayerQuant:
+    split = [SplitPart(**p) for p in state["split"]] if state.get("split") else None
+    rng = tuple(state["act_range"]) if state.get("act_range") is not None else None
+    return LayerQuant(**{**state, "split": split, "act_range": rng})
+
+
+class CalibrationCheckpoint:
+    """Resumable calibration state in one file, replaced atomically after every change:
+    the run's fingerprint, calibration set, split layers, observed ranges, and the records
+    and statistics of the reconstruction blocks finished so far."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]):
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.state: dict[str, Any] = {}
+
+    def load(self) -> bool:
+        """Read the file if there is one; raise if it belongs to another run."""
+        if not self.path.is_file():
+            return False
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"calibration checkpoint {str(self.path)!r} has version {state.get('version')!r}; "
+                             f"this qdcompile writes version {CHECKPOINT_VERSION} (delete the file to start over)")
+        if state.get("fingerprint") != self.fingerprint:
+            old = state.get("fingerprint") or {}
+            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+            raise ValueError(f"calibration checkpoint {str(self.path)!r} was written by a different run (differs in "
+                             f"{diff}); use another checkpoint path or delete the file to start over")
+        self.state = state
+        logger.info("resuming calibration from %s (%d blocks done)", self.path, state.get("next_unit", 0))
+        return True
+
+    def save(self, **updates: Any) -> None:
+        self.state.update(updates, version=CHECKPOINT_VERSION, fingerprint=self.fingerprint)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.state, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def calibration_set(self) -> CalibrationSet:
+        return CalibrationSet(**self.state["calib"])
+
+    def records(self) -> dict[str, LayerQuant]:
+        return {n: _record_from(r) for n, r in self.state.get("records", {}).items()}
+
+
+# ---------------------------------------------------------------------------- calibrate
+def _initial_records(layers, names, recipe: QuantRecipe, ranges, splits, fallbacks) -> dict[str, LayerQuant]:
+    """Round-to-nearest records (the result for ``rtn``, the start for ``qdiffusion``)."""
+    scale_fn = weight_scale_fn(recipe)
+    records: dict[str, LayerQuant] = {}
+    for name in names:
+        module, op = layers[name]
+        wbits, abits = layer_bits(name, recipe)
+        if abits is not None and name not in ranges:
+            fallbacks[name] = "never executed during calibration"
+            continue
+        if name in splits:
+            records[name] = quantize_split_layer(module, op, wbits, abits, splits[name], ranges[name], scale_fn)
+        else:
+            records[name] = quantize_layer(module, op, wbits, abits, ranges.get(name),
+                                           scale=scale_fn(module.weight.detach(), wbits))
+    return records
+
+
+def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples: int = 64,
+              num_inference_steps: int = 50, num_calib_steps: Optional[int] = None,
+              samples_per_step: Optional[int] = None, batch_size: Optional[int] = None,
+              sample_kwargs: Optional[dict[str, Any]] = None, seed: int = 0, progress: bool = True,
+              attach: bool = True, checkpoint: str | os.PathLike | None = None) -> QuantMetadata:
+    """Calibrate ``unet`` for ``recipe`` (default W8A8); return (and by default attach) the metadata.
+
+    ``sample_kwargs`` are extra U-Net arguments used while sampling the calibration
+    trajectory (e.g. ``encoder_hidden_states``); a batch of 1 is broadcast, a batch of
+    ``num_samples`` gives each trajectory its own conditioning. ``checkpoint``: file to save
+    the progress to and resume from (see the module docstring).
+    """
+    from .api import attach as attach_metadata
+
+    recipe = recipe or QuantRecipe.w8a8()
+    base = unwrap(unet)
+    if not hasattr(base, "config") or not hasattr(base.config, "in_channels"):
+        raise TypeError(f"calibrate expects a diffusers UNet2DModel/UNet2DConditionModel, got {type(base).__name__}")
+    layers = conv_linear_layers(base)
+    fallbacks: dict[str, str] = {}
+    names = []
+    for name, (module, op) in layers.items():
+        reason = unsupported_reason(module, op)
+        if reason is None and _matches(name, recipe.skip):
+            reason = "skipped by the recipe"
+        if reason is not None:
+            fallbacks[name] = reason
+        else:
+            names.append(name)
+    if not names:
+        raise ValueError(f"{type(base).__name__} has no conv2d/linear layer the kernels can run")
+
+    facts = {"num_samples": num_samples, "num_inference_steps": num_inference_steps,
+             "num_calib_steps": num_calib_steps, "samples_per_step": samples_per_step, "batch_size": batch_size,
+             "seed": seed, "scheduler": type(scheduler).__name__, "sample_kwargs": sorted((sample_kwargs or {}).keys())}
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = CalibrationCheckpoint(checkpoint, {
+            "recipe": recipe.to_dict(), "model": model_identity(base)["config_hash"], "layers": names,
+            "weights": torch.stack([weight_digest(layers[n][0].weight) for n in names]).tolist(), **facts})
+    was_training = base.training
+    base.eval()
+    try:
+        if ckpt is not None and ckpt.load():
+            calib, splits, ranges = ckpt.calibration_set(), ckpt.state["splits"], ckpt.state["ranges"]
+        else:
+            calib = collect_calibration_set(base, scheduler, num_samples=num_samples,
+                                            num_inference_steps=num_inference_steps, num_calib_steps=num_calib_steps,
+                                            samples_per_step=samples_per_step, batch_size=batch_size,
+                                            sample_kwargs=sample_kwargs, seed=seed, progress=progress)
+            splits = {}
+            if recipe.split:
+                x, t, kw = next(calib.batches(*_device_dtype(base)))
+                found = find_split_layers(base, x[:1], t, _take(kw, torch.tensor([0]), x.shape[0]))
+                splits = {n: c for n, c in found.items() if n in names}
+            ranges = observe_ranges(base, calib, names, recipe, progress=progress,
+                                    splits=splits) if recipe.act_bits is not None else {}
+            if ckpt is not None:
+                ckpt.save(calib=calib.state(), splits=splits, ranges=ranges, records={}, next_unit=0, stats=[])
+        records = _initial_records(layers, names, recipe, ranges, splits, fallbacks)
+        recon_stats: list[dict[str, Any]] = []
+        if recipe.method == "qdiffusion":
+            from .reconstruct import reconstruct
+
+            start = 0
+            if ckpt is not None:
+                records.update(ckpt.records())
+                start, recon_stats = ckpt.state["next_unit"], list(ckpt.state["stats"])
+
+            def save(next_unit: int, recs: dict[str, LayerQuant], stats: list[dict[str, Any]]) -> None:
+                if ckpt is not None:
+                    ckpt.save(records={n: _record_state(r) for n, r in recs.items()}, next_unit=next_unit,
+                              stats=list(stats))
+
+            records, recon_stats = reconstruct(base, calib, records, recipe, start=start, stats=recon_stats,
+                                               on_unit_done=save, seed=seed, progress=progress)
+    finally:
+        base.train(was_training)
+
+    meta = QuantMetadata(
+        recipe=recipe, model=model_identity(base), layers=records, fallbacks=fallbacks,
+        calibration={**facts, "calib_step_indices": sorted(set(calib.step_indices)), "calib_set_size": len(calib),
+                     "split_layers": {n: list(c) for n, c in splits.items()},
+                     **({"reconstruction": recon_stats} if recipe.method == "qdiffusion" else {})})
+    logger.info("calibrated %d layers (%d split, %d left in float)", len(records), len(splits), len(fallbacks))
+    if attach:
+        attach_metadata(base, meta)
+    return meta
+
+
+def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
