@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,41 +50,16 @@ def _sync(device: str) -> None:
 
 
 def median_seconds(fn: Callable[[], object], device: str, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
-    import torch
+    """Median seconds per call (do_bench / CUDA events on GPU, perf_counter on CPU)."""
+    from .benchmark import _time_calls
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _time_calls(fn, device, warmup=warmup, repeats=repeats, rep_ms=100)["median_s"]
 
 
 def _sample_kwargs(unet, path: str | None, device: str, dtype):
-    import torch
+    from .evaluate import _sample_kwargs as prompt_kwargs
 
-    from .sampling import unwrap
-
-    if path:
-        emb = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(emb, torch.Tensor):
-            raise SystemExit(f"--prompt-embeds {path!r} must hold one tensor [1 or N, tokens, dim]")
-        return {"encoder_hidden_states": emb.to(device, dtype)}
-    if type(unwrap(unet)).__name__ == "UNet2DConditionModel":
-        raise SystemExit("this is a UNet2DConditionModel: pass --prompt-embeds FILE.pt (a tensor "
-                         "[1, tokens, cross_attention_dim] saved with torch.save)")
-    return None
+    return prompt_kwargs(unet, path, device, dtype)
 
 
 # ---------------------------------------------------------------------------- commands

@@ -14,13 +14,6 @@ from qdcompile.simulate import simulate
 from tiny_models import scheduler, tiny_unet2d, tiny_unet2d_condition
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs on a shared CPU: one thread avoids oversubscription (10-50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------- recipe

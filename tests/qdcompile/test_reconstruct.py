@@ -19,13 +19,6 @@ from qdcompile.split import quantize_split_layer
 from tiny_models import scheduler, tiny_unet2d, tiny_unet2d_condition
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs on a shared CPU: one thread avoids oversubscription (10-50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _resnet_block(n=64, seed=0):

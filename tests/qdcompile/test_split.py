@@ -16,13 +16,6 @@ CONDS = {"UNet2DModel": None, "UNet2DConditionModel": {"encoder_hidden_states": 
 MODELS = {"UNet2DModel": tiny_unet2d, "UNet2DConditionModel": tiny_unet2d_condition}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs on a shared CPU: one thread avoids oversubscription (10-50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _expected_splits(unet) -> dict[str, tuple[int, int]]:
