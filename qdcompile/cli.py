@@ -27,13 +27,9 @@ def psnr_db(ref, test) -> float:
 
 # ---------------------------------------------------------------------------- helpers
 def _device(name: str) -> str:
-    import torch
+    from .evaluate import _resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return name
+    return _resolve_device(name)
 
 
 def _dtype(device: str):
