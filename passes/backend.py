@@ -12,6 +12,11 @@ weights into the graph. So the compiled callable checks (by identity, cheaply) t
 weights it is called with are the ones it was specialised for, and specialises again for
 another model instance (its own metadata, or float when it has none).
 
+Step-aware mixed precision: the graph is specialised per activation precision too (see
+``registry.precision``). Dynamo sees one graph and one backend; the precision is chosen at
+call time here, so switching precision between denoising steps never recompiles once each
+precision has run once. :func:`compile_count` counts our compilations (tests, the sampler).
+
 ``QDCOMPILE_INDUCTOR=0`` skips Inductor and runs the rewritten graph eagerly (debugging).
 """
 
@@ -24,10 +29,17 @@ import os
 import torch.fx as fx
 
 from .quantize_layers import CONV_TARGETS, LINEAR_TARGETS, RewriteStats, rewrite_quantized_layers
+from .registry import active_precision
 
 logger = logging.getLogger(__name__)
 
 _last_stats: list[RewriteStats] = []
+_compiles = [0]
+
+
+def compile_count() -> int:
+    """How many graph variants the qdiff backend has compiled in this process."""
+    return _compiles[0]
 
 
 def last_rewrite_stats() -> RewriteStats | None:
@@ -48,6 +60,7 @@ def _weight_input_indices(gm: fx.GraphModule) -> list[int]:
 
 
 def _compile(gm: fx.GraphModule, example_inputs):
+    _compiles[0] += 1
     stats = rewrite_quantized_layers(gm, example_inputs)
     _last_stats[:] = [stats]
     if stats.rewritten == 0:
@@ -68,15 +81,18 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     first = _compile(gm, example_inputs)
     if not weight_idx:
         return first
-    variants = [([example_inputs[i] for i in weight_idx], first)]
+    # (weights the variant was specialised for, activation precision) → compiled callable
+    variants = [([example_inputs[i] for i in weight_idx], active_precision(), first)]
 
     def run(*args):
-        for weights, fn in variants:
-            if all(args[i] is w for i, w in zip(weight_idx, weights)):
+        bits = active_precision()
+        for weights, prec, fn in variants:
+            if prec == bits and all(args[i] is w for i, w in zip(weight_idx, weights)):
                 return fn(*args)
-        logger.info("qdiff backend: specialising the graph for another model instance")
+        logger.info("qdiff backend: specialising the graph for %s",
+                    f"activation precision A{bits}" if bits is not None else "another model instance")
         fn = _compile(copy.deepcopy(pristine), list(args))
-        variants.append(([args[i] for i in weight_idx], fn))
+        variants.append(([args[i] for i in weight_idx], bits, fn))
         return fn(*args)
 
     return run

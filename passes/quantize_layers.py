@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..kernels import ops as qops
 from ..kernels.layout import prepare_weight
 from ..kernels.quantizers import dequantize_weight
-from .registry import Binding, Decision, lookup
+from .registry import Binding, Decision, active_precision, lookup
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +109,21 @@ def _declare_source(gm: fx.GraphModule, attr: str) -> None:
         sources[attr] = ConstantSource(f"qdiff_constant_{attr}")
 
 
-def _prepared(binding: Binding, device: torch.device):
-    """Prepared weight parts of a record on ``device``: list of (w, rowsum, scale, act quantizer)."""
-    key = (str(device), "parts")
+def _prepared(binding: Binding, rec, device: torch.device):
+    """Prepared parts of ``rec`` (one of ``binding``'s records) on ``device``: list of (w, rowsum,
+    scale, act scale, act zero point, act bits). The weight tensors are built once per device and
+    shared by every precision's record."""
+    key = (str(device), "weights")
     if key not in binding.prepared:
-        rec = binding.record
-        if rec.split:
-            raw = [(p.weight_q, p.weight_scale, p.act_scale, p.act_zero_point, p.act_bits) for p in rec.split]
-        else:
-            raw = [(rec.weight_q, rec.weight_scale, rec.act_scale, rec.act_zero_point, rec.act_bits)]
-        parts = []
-        for wq, ws, a_scale, a_zp, a_bits in raw:
+        raw = [(p.weight_q, p.weight_scale) for p in rec.split] if rec.split else [(rec.weight_q, rec.weight_scale)]
+        weights = []
+        for wq, ws in raw:
             pw = prepare_weight(wq, rec.weight_bits)
-            parts.append((pw.w.to(device), pw.rowsum.to(device), ws.float().to(device), float(a_scale), int(a_zp), int(a_bits)))
-        binding.prepared[key] = parts
-    return binding.prepared[key]
+            weights.append((pw.w.to(device), pw.rowsum.to(device), ws.float().to(device)))
+        binding.prepared[key] = weights
+    acts = rec.act_quants()
+    return [(*w, float(a.act_scale), int(a.act_zero_point), int(a.act_bits))
+            for w, a in zip(binding.prepared[key], acts)]
 
 
 def _split_inputs(x, rec, channel_dim: int) -> tuple[fx.Node, fx.Node] | str:
@@ -168,7 +168,7 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats
         if binding is None:
             stats.fallback[str(getattr(args["weight"], "name", args["weight"]))] = "no quantization record bound to this weight"
             continue
-        rec = binding.record
+        rec = binding.record_for(active_precision())
         reason = _unsupported(op, args, weight)
         if reason is None and rec.op != op:
             reason = f"metadata says {rec.op}, the graph calls {op}"
@@ -190,7 +190,13 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats
                 stats.fallback[binding.name] = got
                 continue
             inputs = list(got)
-        parts = _prepared(binding, weight.device)
+        parts = _prepared(binding, rec, weight.device)
+        extra = {}
+        if binding.correction is not None and len(parts) == 1:
+            # PTQD correction in the epilogue: per-step scale and bias-correction buffers
+            scale_buf, shift_buf = binding.correction.buffers(weight.device)
+            parts = [(parts[0][0], parts[0][1], scale_buf, *parts[0][3:])]
+            extra["bias_correction"] = _const(gm, graph, node, f"{binding.name}.correction", shift_buf)
         consts = [(_const(gm, graph, node, f"{binding.name}.w{i}", w), _const(gm, graph, node, f"{binding.name}.rs{i}", rs),
                    _const(gm, graph, node, f"{binding.name}.s{i}", s)) for i, (w, rs, s, *_) in enumerate(parts)]
         if len(parts) == 1:
@@ -211,7 +217,7 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats
             stats.linear += 1
         stats.split += len(parts) == 2
         with graph.inserting_before(node):
-            new = graph.call_function(target, tuple(qargs), {"bias": args["bias"]})
+            new = graph.call_function(target, tuple(qargs), {"bias": args["bias"], **extra})
         # same output as the float call: keep its shape info (a later split concat reads it)
         new.meta.update({k: v for k, v in node.meta.items()
                          if k in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val")})

@@ -25,9 +25,20 @@ def attach(unet: torch.nn.Module, meta: QuantMetadata) -> torch.nn.Module:
     detach(base)
     decisions: dict[str, registry.Decision] = {}
     modules = dict(base.named_modules())
+    variants = {bits: meta.records_for(bits) for bits in meta.precisions if bits != meta.default_act_bits}
+    correction = None
+    if meta.noise and meta.noise_layer in meta.layers and not meta.layers[meta.noise_layer].split:
+        from .ptqd import eps_channels
+
+        layer = modules[meta.noise_layer]
+        correction = registry.OutputCorrection(meta.layers[meta.noise_layer].weight_scale, layer.bias,
+                                               eps_channels(base))
     for name, rec in meta.layers.items():
-        registry.bind(modules[name].weight, registry.Binding(name, rec, decisions))
+        registry.bind(modules[name].weight, registry.Binding(
+            name, rec, decisions, variants={b: v[name] for b, v in variants.items()},
+            correction=correction if name == meta.noise_layer else None))
     base.__dict__["_qdiff_meta"] = meta
+    base.__dict__["_qdiff_correction"] = correction
     base.__dict__["_qdiff_decisions"] = decisions
     return unet
 
@@ -37,6 +48,7 @@ def detach(unet: torch.nn.Module) -> None:
     base = unwrap(unet)
     meta = base.__dict__.pop("_qdiff_meta", None)
     base.__dict__.pop("_qdiff_decisions", None)
+    base.__dict__.pop("_qdiff_correction", None)
     if meta is not None:
         modules = dict(base.named_modules())
         for name in meta.layers:
@@ -46,6 +58,11 @@ def detach(unet: torch.nn.Module) -> None:
 
 def attached_metadata(unet: torch.nn.Module) -> QuantMetadata | None:
     return unwrap(unet).__dict__.get("_qdiff_meta")
+
+
+def fused_correction(unet: torch.nn.Module) -> registry.OutputCorrection | None:
+    """The PTQD output correction the compiled model applies in its last conv (None: none bound)."""
+    return unwrap(unet).__dict__.get("_qdiff_correction")
 
 
 @dataclass

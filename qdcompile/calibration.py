@@ -12,6 +12,8 @@
    MSE-searched) and per-tensor asymmetric activation quantizers (METHODS §1).
 5. ``method="qdiffusion"``: block reconstruction (:mod:`.reconstruct`) refines the weight
    rounding (AdaRound), then the activation step sizes (LSQ), block by block.
+6. PTQD (``recipe.noise_correction`` / ``recipe.act_bits_mixed``, :mod:`.ptqd`): per-precision
+   activation quantizers and the step plan, then the quantization-noise statistics per step.
 
 With ``checkpoint=path`` the calibration set and every finished block are saved
 (atomically); calling again with the same path resumes after the last finished block.
@@ -393,6 +395,15 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
         calibration={**facts, "calib_step_indices": sorted(set(calib.step_indices)), "calib_set_size": len(calib),
                      "split_layers": {n: list(c) for n, c in splits.items()},
                      **({"reconstruction": recon_stats} if recipe.method == "qdiffusion" else {})})
+    if recipe.noise_correction or recipe.act_bits_mixed:
+        from .ptqd import calibrate_noise
+
+        base.eval()
+        try:
+            calibrate_noise(base, scheduler, meta, calib, num_inference_steps=num_inference_steps,
+                            batch_size=batch_size, sample_kwargs=sample_kwargs, seed=seed, progress=progress)
+        finally:
+            base.train(was_training)
     logger.info("calibrated %d layers (%d split, %d left in float)", len(records), len(splits), len(fallbacks))
     if attach:
         attach_metadata(base, meta)

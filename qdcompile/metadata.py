@@ -23,7 +23,8 @@ import torch
 from .recipe import QuantRecipe
 
 FORMAT_NAME = "qdcompile.quant_metadata"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 2 added activation variants, PTQD noise statistics and the precision plan
 
 
 class MetadataError(ValueError):
@@ -40,6 +41,25 @@ class SplitPart:
     act_zero_point: int
     weight_q: torch.Tensor      # int8 codes of this part's weight slice [N, channels, ...]
     weight_scale: torch.Tensor  # float32 [N]
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """One activation quantizer (a layer input, or one part of a split input)."""
+
+    act_bits: int
+    act_scale: float
+    act_zero_point: int
+    act_range: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"act_bits": self.act_bits, "act_scale": self.act_scale, "act_zero_point": self.act_zero_point,
+                "act_range": list(self.act_range) if self.act_range is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ActQuant":
+        return cls(int(d["act_bits"]), float(d["act_scale"]), int(d["act_zero_point"]),
+                   tuple(d["act_range"]) if d.get("act_range") else None)
 
 
 @dataclass
@@ -70,6 +90,30 @@ class LayerQuant:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.weight_q.shape)
+
+    def act_quants(self) -> list[ActQuant]:
+        """The activation quantizer(s) of this record: one per split part, else one (or none)."""
+        if self.split:
+            return [ActQuant(p.act_bits, p.act_scale, p.act_zero_point) for p in self.split]
+        if self.act_bits is None:
+            return []
+        return [ActQuant(self.act_bits, self.act_scale, self.act_zero_point, self.act_range)]
+
+    def with_act(self, acts: list[ActQuant]) -> "LayerQuant":
+        """This record with other activation quantizers (weights shared, not copied)."""
+        import dataclasses
+
+        if self.split:
+            if len(acts) != len(self.split):
+                raise MetadataError(f"{len(acts)} activation quantizers for a {len(self.split)}-part split layer")
+            return dataclasses.replace(self, split=[dataclasses.replace(p, act_bits=a.act_bits, act_scale=a.act_scale,
+                                                                        act_zero_point=a.act_zero_point)
+                                                    for p, a in zip(self.split, acts)])
+        if len(acts) != 1:
+            raise MetadataError(f"{len(acts)} activation quantizers for a layer with one input")
+        a = acts[0]
+        return dataclasses.replace(self, act_bits=a.act_bits, act_scale=a.act_scale, act_zero_point=a.act_zero_point,
+                                   act_range=a.act_range)
 
     def bits_label(self) -> str:
         if self.split:
@@ -123,9 +167,61 @@ class QuantMetadata:
     fallbacks: dict[str, str] = field(default_factory=dict)   # layer → why it stays float
     calibration: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # step-aware mixed precision: activation bit width → layer → quantizer per input part,
+    # for the precisions other than the records' own (weights are shared by all precisions)
+    act_variants: dict[int, dict[str, list[ActQuant]]] = field(default_factory=dict)
+    # PTQD statistics: activation bit width → per time step (see qdcompile.ptqd.StepNoise)
+    noise: dict[int, list[Any]] = field(default_factory=dict)
+    noise_layer: str | None = None                   # the last conv, whose epilogue applies the correction
+    precision_plan: list[tuple[int, int]] = field(default_factory=list)   # (timestep, act bits)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
+
+    # ------------------------------------------------------------------ precisions
+    @property
+    def default_act_bits(self) -> int | None:
+        return self.recipe.act_bits
+
+    @property
+    def precisions(self) -> list[int]:
+        """Activation bit widths this metadata can run (the records' own first)."""
+        own = [self.default_act_bits] if self.default_act_bits is not None else []
+        return own + sorted(b for b in self.act_variants if b not in own)
+
+    def records_for(self, act_bits: int | None) -> dict[str, LayerQuant]:
+        """The layer records at activation width ``act_bits`` (None or the default: the records)."""
+        if act_bits is None or act_bits == self.default_act_bits:
+            return self.layers
+        if act_bits not in self.act_variants:
+            raise MetadataError(f"this metadata has no activation precision A{act_bits} "
+                                f"(available: {['A%d' % b for b in self.precisions]})")
+        variant = self.act_variants[act_bits]
+        return {n: (rec.with_act(variant[n]) if n in variant else rec) for n, rec in self.layers.items()}
+
+    def at_precision(self, act_bits: int | None) -> "QuantMetadata":
+        """A view of this metadata whose records run at ``act_bits`` (weights shared)."""
+        import dataclasses
+
+        return dataclasses.replace(self, layers=self.records_for(act_bits))
+
+    def bits_at(self, timestep: int) -> int | None:
+        """Activation bit width of the plan at ``timestep`` (the nearest planned step)."""
+        if not self.precision_plan:
+            return self.default_act_bits
+        from .ptqd import nearest
+
+        return nearest(self.precision_plan, int(timestep), key=lambda e: e[0])[1]
+
+    def noise_at(self, act_bits: int | None, timestep: int):
+        """PTQD statistics (:class:`qdcompile.ptqd.StepNoise`) of ``act_bits`` nearest ``timestep``."""
+        from .ptqd import nearest
+
+        bits = self.default_act_bits if act_bits is None else act_bits
+        if bits not in self.noise:
+            raise MetadataError(f"this metadata has no PTQD noise statistics for A{bits} "
+                                "(calibrate with a recipe with noise_correction=True)")
+        return nearest(self.noise[bits], int(timestep))
 
     # ------------------------------------------------------------------ file I/O
     def save(self, path: str | os.PathLike) -> Path:
@@ -158,6 +254,11 @@ class QuantMetadata:
                     tensors[f"{name}.split.{i}.weight_q"] = part.weight_q.detach().cpu().contiguous()
                     tensors[f"{name}.split.{i}.weight_scale"] = part.weight_scale.detach().float().cpu().contiguous()
             header["layers"][name] = entry
+        header["act_variants"] = {str(b): {n: [a.to_dict() for a in acts] for n, acts in v.items()}
+                                  for b, v in self.act_variants.items()}
+        header["noise"] = {str(b): [s.to_dict() for s in steps] for b, steps in self.noise.items()}
+        header["noise_layer"] = self.noise_layer
+        header["precision_plan"] = [list(e) for e in self.precision_plan]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -241,10 +342,10 @@ def load_metadata(path: str | os.PathLike) -> QuantMetadata:
         version = int(meta.get("format_version", "-1"))
     except ValueError:
         version = -1
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         hint = "upgrade qdcompile" if version > FORMAT_VERSION else "re-run `qdcompile calibrate` to write a current file"
         raise MetadataError(f"{str(path)!r} has metadata format version {meta.get('format_version')!r}; this qdcompile "
-                            f"reads version {FORMAT_VERSION} ({hint})")
+                            f"reads versions {', '.join(map(str, READABLE_VERSIONS))} ({hint})")
     try:
         header = json.loads(meta["header"])
         recipe = QuantRecipe.from_dict(header["recipe"])
@@ -252,9 +353,20 @@ def load_metadata(path: str | os.PathLike) -> QuantMetadata:
         if sorted(order) != sorted(header["layers"]):
             raise MetadataError(f"{str(path)!r}: corrupt metadata header (layer_order does not list the layers)")
         layers = {name: _layer_from(name, header["layers"][name], tensors) for name in order}
-        return QuantMetadata(recipe=recipe, model=header["model"], layers=layers,
-                             fallbacks=dict(header.get("fallbacks", {})),
-                             calibration=dict(header.get("calibration", {})), format_version=version)
+        from .ptqd import StepNoise
+
+        variants = {int(b): {n: [ActQuant.from_dict(a) for a in acts] for n, acts in v.items()}
+                    for b, v in header.get("act_variants", {}).items()}
+        result = QuantMetadata(recipe=recipe, model=header["model"], layers=layers,
+                               fallbacks=dict(header.get("fallbacks", {})),
+                               calibration=dict(header.get("calibration", {})), format_version=version,
+                               act_variants=variants,
+                               noise={int(b): [StepNoise.from_dict(d) for d in steps]
+                                      for b, steps in header.get("noise", {}).items()},
+                               noise_layer=header.get("noise_layer"),
+                               precision_plan=[(int(t), int(b)) for t, b in header.get("precision_plan", [])])
+        validate_variants(result)
+        return result
     except MetadataError:
         raise
     except (KeyError, TypeError, ValueError) as e:
@@ -285,6 +397,22 @@ def _layer_from(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tenso
     return rec
 
 
+def validate_variants(meta: QuantMetadata) -> None:
+    """Check the activation variants, noise statistics and plan against the layers."""
+    for bits, variant in meta.act_variants.items():
+        for name, acts in variant.items():
+            if name not in meta.layers:
+                raise MetadataError(f"activation variant A{bits} has a quantizer for layer {name!r}, which has no record")
+            validate_layer(f"{name} (A{bits})", meta.layers[name].with_act(acts))
+    known = set(meta.precisions)
+    for t, bits in meta.precision_plan:
+        if bits not in known:
+            raise MetadataError(f"precision plan uses A{bits} at time step {t}; the metadata has "
+                                f"{['A%d' % b for b in sorted(known)]}")
+    if meta.noise and meta.noise_layer not in meta.layers:
+        raise MetadataError(f"PTQD statistics name layer {meta.noise_layer!r} for the correction; it has no record")
+
+
 def validate_layer(name: str, rec: LayerQuant) -> None:
     """Check one record's internal consistency (dtypes, shapes, code ranges)."""
     from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, weight_qrange
@@ -302,6 +430,9 @@ def validate_layer(name: str, rec: LayerQuant) -> None:
             raise MetadataError(f"layer {name!r}: split part channels {[p.channels for p in rec.split]} do not add up "
                                 f"to the weight's {rec.weight_q.shape[1]} input channels")
         parts = [(f"split part {i}", p.act_bits, p.act_scale, p.act_zero_point, p.weight_scale) for i, p in enumerate(rec.split)]
+        if tuple(rec.weight_scale.shape) != (len(rec.split), n):
+            raise MetadataError(f"layer {name!r}: split weight_scale shape {list(rec.weight_scale.shape)}, expected the "
+                                f"parts' scales stacked, [{len(rec.split)}, {n}]")
     else:
         if tuple(rec.weight_scale.shape) != (n,):
             raise MetadataError(f"layer {name!r}: weight_scale shape {list(rec.weight_scale.shape)}, expected [{n}]")

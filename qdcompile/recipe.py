@@ -43,6 +43,14 @@ class QuantRecipe:
     * ``keep_8bit``: layer-name patterns (``fnmatch``) kept at 8-bit weights and activations
       whatever the bit widths (the papers keep the first and last layers at 8 bit).
     * ``skip``: layer-name patterns left in float (reported as float fallback).
+    * ``noise_correction`` (PTQD): collect per-step statistics of the quantization noise
+      (``k``, channel-wise bias, variance, SNR_Q) on ``noise_samples`` fresh FP trajectories,
+      so the sampler can apply correlated-noise correction, bias correction and variance
+      schedule calibration.
+    * ``act_bits_mixed`` (PTQD step-aware mixed precision): candidate activation bit widths,
+      e.g. ``(4, 8)``; weights keep ``weight_bits`` for all steps; per step the smallest width
+      with ``SNR_Q > SNR_F`` runs, each width's activation quantizers calibrated on its own
+      steps. ``act_bits`` must be the largest candidate (weights are reconstructed with it).
     """
 
     name: str = "custom"
@@ -64,6 +72,9 @@ class QuantRecipe:
     act_lsq_iters: int = 300
     act_lsq_lr: float = 5e-3
     recon_units: tuple[str, ...] = _RECON_UNITS
+    noise_correction: bool = False
+    noise_samples: int = 32
+    act_bits_mixed: tuple[int, ...] = ()
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
@@ -107,6 +118,18 @@ class QuantRecipe:
         if isinstance(self.recon_units, str) or not isinstance(self.recon_units, (tuple, list)) \
                 or not all(isinstance(u, str) and u for u in self.recon_units):
             raise ValueError(f"QuantRecipe.recon_units must be a sequence of module class names, got {self.recon_units!r}")
+        if not isinstance(self.noise_correction, bool):
+            raise ValueError(f"QuantRecipe.noise_correction must be True or False, got {self.noise_correction!r}")
+        if not isinstance(self.noise_samples, int) or isinstance(self.noise_samples, bool) or self.noise_samples < 1:
+            raise ValueError(f"QuantRecipe.noise_samples must be an integer >= 1, got {self.noise_samples!r}")
+        mixed = tuple(self.act_bits_mixed)
+        if mixed:
+            if len(mixed) < 2 or len(set(mixed)) != len(mixed) or any(b not in (4, 8) for b in mixed):
+                raise ValueError(f"QuantRecipe.act_bits_mixed must list 2 distinct widths from (4, 8), got {mixed!r}")
+            if self.act_bits != max(mixed):
+                raise ValueError(f"QuantRecipe.act_bits_mixed={mixed!r} needs act_bits={max(mixed)} (the largest "
+                                 f"candidate), got {self.act_bits!r}")
+        object.__setattr__(self, "act_bits_mixed", tuple(sorted(mixed)))
         if self.version != RECIPE_VERSION:
             raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads {RECIPE_VERSION})")
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
@@ -140,8 +163,21 @@ class QuantRecipe:
                       "keep_8bit": ("conv_in", "conv_out"), **overrides})
 
     @classmethod
+    def ptqd(cls, **overrides: Any) -> "QuantRecipe":
+        """Q-Diffusion W4A8 plus PTQD noise statistics (correlated-noise correction, bias
+        correction and variance schedule calibration at sampling time)."""
+        return cls.w4a8(**{"name": "ptqd", "noise_correction": True, **overrides})
+
+    @classmethod
+    def mixed(cls, **overrides: Any) -> "QuantRecipe":
+        """PTQD step-aware mixed precision: 4-bit weights for all steps, activations at 4 or
+        8 bits per step (W4A4/A8), Q-Diffusion calibration per precision on its own steps,
+        with PTQD noise correction."""
+        return cls.w4a8(**{"name": "mixed", "noise_correction": True, "act_bits_mixed": (4, 8), **overrides})
+
+    @classmethod
     def preset(cls, name: str) -> "QuantRecipe":
-        presets = {"w8a8": cls.w8a8, "w4a8": cls.w4a8, "w4a4": cls.w4a4}
+        presets = {"w8a8": cls.w8a8, "w4a8": cls.w4a8, "w4a4": cls.w4a4, "ptqd": cls.ptqd, "mixed": cls.mixed}
         if name not in presets:
             raise ValueError(f"unknown recipe {name!r}; available: {sorted(presets)}")
         return presets[name]()
@@ -153,6 +189,7 @@ class QuantRecipe:
         d["skip"] = list(self.skip)
         d["adaround_beta"] = list(self.adaround_beta)
         d["recon_units"] = list(self.recon_units)
+        d["act_bits_mixed"] = list(self.act_bits_mixed)
         return d
 
     @classmethod

@@ -1,0 +1,335 @@
+"""The quantized sampler: per-step precision and PTQD corrections, for loops and diffusers pipelines.
+
+:class:`QuantizedUNet` stands in for a diffusers U-Net. Each call reads the time step, picks
+the activation precision of the metadata's plan (step-aware mixed precision), runs that
+precision's compiled variant of the model (``torch.compile(unet, backend="qdiff")``: the
+variants share the prepared weights and are compiled once each, so sampling never
+recompiles after warm-up) and applies the PTQD correction of that precision and step —
+inside the last conv's epilogue when the model is compiled, as an elementwise map otherwise.
+
+:class:`CorrectedScheduler` wraps a diffusers scheduler and applies variance schedule
+calibration in its ``step`` (DDPM; DDIM with ``eta > 0``).
+
+:func:`quantize_pipeline` puts both into a ``DDPMPipeline`` / ``DDIMPipeline`` /
+``StableDiffusionPipeline`` (any pipeline with ``unet`` and ``scheduler``), after which
+``pipe(...)`` samples quantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .metadata import MetadataError, QuantMetadata
+from .passes import registry
+from .ptqd import VSCUnsupported, calibrated_sigma, eps_channels, scheduler_kind
+from .sampling import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Corrections:
+    """Which PTQD corrections the sampler applies (all need noise statistics in the metadata)."""
+
+    correlated: bool = True   # divide by 1 + k
+    bias: bool = True         # subtract the channel-wise mean of the residual noise
+    variance: bool = True     # variance schedule calibration (stochastic DDPM/DDIM steps)
+
+    @classmethod
+    def none(cls) -> "Corrections":
+        return cls(False, False, False)
+
+    @property
+    def any(self) -> bool:
+        return self.correlated or self.bias or self.variance
+
+    def label(self) -> str:
+        on = [n for n, v in (("k", self.correlated), ("bias", self.bias), ("VSC", self.variance)) if v]
+        return "+".join(on) if on else "none"
+
+
+class QuantizedUNet(nn.Module):
+    """A drop-in U-Net running ``meta`` quantized, with per-step precision and PTQD corrections.
+
+    * ``backend="qdiff"``: the integer kernels via ``torch.compile(unet, backend="qdiff")``
+      (``unet`` may already be compiled that way); ``"simulate"``: the fake-quant model.
+    * ``mixed``: follow the metadata's precision plan (default: when it has one); otherwise
+      every step runs the records' own precision.
+    * ``corrections``: PTQD corrections to apply (default all, when the metadata has noise
+      statistics; :meth:`Corrections.none` for the uncorrected model).
+    """
+
+    def __init__(self, unet: nn.Module, meta: QuantMetadata, *, backend: str = "qdiff",
+                 corrections: Optional[Corrections] = None, mixed: Optional[bool] = None):
+        super().__init__()
+        from .api import attach, attached_metadata, fused_correction
+
+        if backend not in ("qdiff", "simulate"):
+            raise ValueError(f"backend must be 'qdiff' or 'simulate', got {backend!r}")
+        base = unwrap(unet)
+        meta.check_model(base)
+        self.meta, self.backend = meta, backend
+        self.mixed = bool(meta.precision_plan) if mixed is None else mixed
+        if self.mixed and not meta.precision_plan:
+            raise MetadataError("mixed=True, but this metadata has no precision plan (calibrate with "
+                                "QuantRecipe.mixed())")
+        corrections = (Corrections() if meta.noise else Corrections.none()) if corrections is None else corrections
+        if corrections.any and not meta.noise:
+            raise MetadataError(f"corrections {corrections.label()} need PTQD noise statistics; this metadata has none "
+                                "(calibrate with QuantRecipe.ptqd() / .mixed(), or noise_correction=True)")
+        self.corrections = corrections
+        self.channels = eps_channels(base)
+        self.__dict__["_base"] = base     # not a submodule: the compiled wrapper below owns it
+        if backend == "qdiff":
+            if attached_metadata(base) is not meta:
+                attach(base, meta)
+            self.model = unet if unet is not base else torch.compile(base, backend="qdiff")
+            self._fused = fused_correction(base)
+        else:
+            self.model = base
+            self._fused = None
+        self.trace: list[tuple[int, Optional[int]]] = []   # (timestep, act bits) of each call
+
+    # ------------------------------------------------------------------ U-Net look-alike
+    @property
+    def _orig_mod(self) -> nn.Module:
+        """The float U-Net (what ``qdcompile.sampling.unwrap`` returns)."""
+        return self._base
+
+    @property
+    def config(self):
+        return self._base.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._base.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._base.parameters()).device
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_base"], name)
+
+    # ------------------------------------------------------------------ per step
+    def bits_at(self, timestep: int) -> Optional[int]:
+        return self.meta.bits_at(timestep) if self.mixed else self.meta.default_act_bits
+
+    def noise_at(self, timestep: int):
+        return self.meta.noise_at(self.bits_at(timestep), timestep)
+
+    def affine_at(self, timestep: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.corrections
+        if not (c.correlated or c.bias):
+            return None
+        return self.noise_at(timestep).affine(bias_correction=c.bias, correlated=c.correlated)
+
+    def forward(self, sample: torch.Tensor, timestep, *args, **kwargs):
+        t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
+        bits = self.bits_at(t)
+        self.trace.append((t, bits))
+        affine = self.affine_at(t)
+        key = None if bits == self.meta.default_act_bits else bits
+        if self.backend == "simulate":
+            from .simulate import simulate
+
+            with simulate(self._base, self.meta.at_precision(key)):
+                out = self.model(sample, timestep, *args, **kwargs)
+            return self._apply(out, affine)
+        if self._fused is not None:
+            if affine is None:
+                self._fused.reset()
+            else:
+                self._fused.set(*affine)
+            with registry.precision(key):
+                return self.model(sample, timestep, *args, **kwargs)
+        with registry.precision(key):
+            out = self.model(sample, timestep, *args, **kwargs)
+        return self._apply(out, affine)
+
+    def _apply(self, out, affine):
+        """The correction as an elementwise map (models without the fused epilogue)."""
+        if affine is None:
+            return out
+        eps = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+        a, b = (v.to(eps.device, torch.float32).view(1, -1, *([1] * (eps.dim() - 2))) for v in affine)
+        c = self.channels
+        fixed = torch.cat([(eps[:, :c].float() * a + b).to(eps.dtype), eps[:, c:]], dim=1)
+        if hasattr(out, "sample"):
+            out.sample = fixed
+            return out
+        if isinstance(out, tuple):
+            return (fixed, *out[1:])
+        return fixed
+
+    # ------------------------------------------------------------------ sampler conveniences
+    def plan(self, scheduler, num_inference_steps: int) -> list[dict[str, Any]]:
+        """Per step of ``scheduler`` with ``num_inference_steps``: time step, precision and the
+        corrections that apply (k, bias, σ_t → σ'_t)."""
+        sched = copy.deepcopy(unwrap_scheduler(scheduler))
+        sched.set_timesteps(num_inference_steps)
+        rows = []
+        for i, t in enumerate(sched.timesteps):
+            t = int(t)
+            bits = self.bits_at(t)
+            row: dict[str, Any] = {"step": i, "timestep": t, "act_bits": bits}
+            if self.meta.noise:
+                n = self.meta.noise_at(bits, t)
+                row.update(k=n.k, bias_mean=sum(n.mu) / len(n.mu), noise_var=n.var)
+                if self.corrections.variance:
+                    try:
+                        s2, s2c = calibrated_sigma(sched, t, n.k if self.corrections.correlated else 0.0, n.var,
+                                                   eta=getattr(scheduler, "eta", 0.0))
+                        row.update(sigma2=s2, sigma2_calibrated=s2c)
+                    except VSCUnsupported:
+                        pass
+            rows.append(row)
+        return rows
+
+    def format_plan(self, scheduler, num_inference_steps: int) -> str:
+        rows = self.plan(scheduler, num_inference_steps)
+        lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}, corrections {self.corrections.label()}):"]
+        runs: list[list] = []
+        for r in rows:
+            if runs and runs[-1][2] == r["act_bits"]:
+                runs[-1][1] = r
+            else:
+                runs.append([r, r, r["act_bits"]])
+        w = self.meta.recipe.weight_bits
+        for first, last, bits in runs:
+            lines.append(f"  steps {first['step']:>3}-{last['step']:<3} (t {first['timestep']:>4} -> {last['timestep']:>4}): "
+                         f"W{w}A{bits}")
+        counts = {b: sum(r["act_bits"] == b for r in rows) for b in sorted({r["act_bits"] for r in rows})}
+        lines.append("  " + ", ".join(f"A{b}: {n} steps" for b, n in counts.items()))
+        if rows and "k" in rows[0]:
+            ks = [r["k"] for r in rows]
+            lines.append(f"  correlated-noise k: {min(ks):.4f} .. {max(ks):.4f}")
+            if "sigma2" in rows[0]:
+                shrink = [r["sigma2_calibrated"] / r["sigma2"] for r in rows if r.get("sigma2")]
+                if shrink:
+                    lines.append(f"  VSC sigma'^2/sigma^2: {min(shrink):.4f} .. {max(shrink):.4f}")
+        return "\n".join(lines)
+
+    def sample(self, scheduler, **kwargs) -> torch.Tensor:
+        """:func:`qdcompile.sample` with this model and ``scheduler`` under VSC."""
+        from .sampling import sample
+
+        return sample(self, self.wrap_scheduler(scheduler), **kwargs)
+
+    def wrap_scheduler(self, scheduler) -> "CorrectedScheduler":
+        if isinstance(scheduler, CorrectedScheduler):
+            return scheduler
+        return CorrectedScheduler(scheduler, self)
+
+    @torch.no_grad()
+    def warmup(self, scheduler, num_inference_steps: int, batch_size: int = 1,
+               sample_kwargs: Optional[dict[str, Any]] = None) -> None:
+        """Call the model once per precision of the plan, so sampling compiles nothing."""
+        from .sampling import batch_kwargs, call_unet, model_sample_shape
+
+        seen: dict[Optional[int], int] = {}
+        for row in self.plan(scheduler, num_inference_steps):
+            seen.setdefault(row["act_bits"], row["timestep"])
+        c, h, w = model_sample_shape(self._base)
+        x = torch.randn(batch_size, c, h, w, device=self.device, dtype=self.dtype)
+        kw = batch_kwargs(sample_kwargs, 0, batch_size, batch_size)
+        for t in seen.values():
+            call_unet(self, x, torch.tensor(t, device=self.device), kw)
+        self.trace.clear()
+
+
+def unwrap_scheduler(scheduler):
+    return scheduler.inner if isinstance(scheduler, CorrectedScheduler) else scheduler
+
+
+class CorrectedScheduler:
+    """A diffusers scheduler whose ``step`` uses PTQD's calibrated variance ``σ'_t``.
+
+    Everything else is the wrapped scheduler's. DDPM (fixed variance types): the step's noise
+    variance becomes ``σ'_t²``; DDIM: ``eta`` is rescaled so its noise has ``σ'_t``. Other
+    schedulers, ``eta = 0`` and disabled VSC pass through unchanged.
+    """
+
+    def __init__(self, scheduler, unet: QuantizedUNet):
+        self.__dict__["inner"] = unwrap_scheduler(scheduler)
+        self.__dict__["unet"] = unet
+        self.__dict__["last_sigma2"] = None      # (σ_t², σ'_t²) of the last step, for tests/logs
+        @functools.wraps(self.inner.step)   # keeps the signature pipelines inspect (eta, generator)
+        def step(*args, **kwargs):
+            return self._step(*args, **kwargs)
+
+        self.__dict__["step"] = step
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.inner, name, value)
+
+    def __deepcopy__(self, memo) -> "CorrectedScheduler":
+        return CorrectedScheduler(copy.deepcopy(self.inner, memo), self.unet)
+
+    def _calibrated(self, timestep: int, eta: float) -> Optional[tuple[float, float]]:
+        q = self.unet
+        if not (q.corrections.variance and q.meta.noise):
+            return None
+        n = q.noise_at(timestep)
+        try:
+            return calibrated_sigma(self.inner, timestep, n.k if q.corrections.correlated else 0.0, n.var, eta=eta)
+        except VSCUnsupported as e:
+            if not self.__dict__.get("_warned"):
+                logger.warning("variance schedule calibration off: %s", e)
+                self.__dict__["_warned"] = True
+            return None
+
+    def _step(self, model_output, timestep, sample, *args, **kwargs):
+        t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
+        kind = scheduler_kind(self.inner)
+        self.__dict__["last_sigma2"] = None
+        if kind == "ddpm":
+            sig = self._calibrated(t, 0.0)
+            if sig is not None and t > 0:
+                self.__dict__["last_sigma2"] = sig
+                return self._ddpm_step(sig[1], model_output, timestep, sample, *args, **kwargs)
+        elif kind == "ddim":
+            eta = kwargs.get("eta", args[0] if args else 0.0)
+            sig = self._calibrated(t, float(eta)) if eta else None
+            if sig is not None and sig[0] > 0:
+                self.__dict__["last_sigma2"] = sig
+                kwargs["eta"] = float(eta) * (sig[1] / sig[0]) ** 0.5
+                args = args[1:]
+        return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+
+    def _ddpm_step(self, sigma2: float, model_output, timestep, sample, *args, **kwargs):
+        inner = self.inner
+        vt = inner.config.variance_type
+        value = sigma2 ** 0.5 if vt == "fixed_small_log" else sigma2   # what DDPM's step turns into a std
+        inner.__dict__["_get_variance"] = lambda *a, **k: torch.tensor(value, dtype=torch.float32)
+        try:
+            return inner.step(model_output, timestep, sample, *args, **kwargs)
+        finally:
+            del inner.__dict__["_get_variance"]
+
+
+def quantize_pipeline(pipe, meta: QuantMetadata, *, backend: str = "qdiff", corrections: Optional[Corrections] = None,
+                      mixed: Optional[bool] = None):
+    """Make a diffusers pipeline sample with ``meta``: its ``unet`` becomes a
+    :class:`QuantizedUNet`, its ``scheduler`` a :class:`CorrectedScheduler`. Returns ``pipe``."""
+    for attr in ("unet", "scheduler"):
+        if getattr(pipe, attr, None) is None:
+            raise TypeError(f"quantize_pipeline needs a pipeline with a {attr!r} (got {type(pipe).__name__})")
+    unet = pipe.unet if isinstance(pipe.unet, QuantizedUNet) else QuantizedUNet(pipe.unet, meta, backend=backend,
+                                                                                corrections=corrections, mixed=mixed)
+    pipe.unet = unet
+    pipe.scheduler = unet.wrap_scheduler(pipe.scheduler)
+    return pipe

@@ -1,0 +1,350 @@
+"""PTQD noise correction and step-aware mixed precision (METHODS §3, seed 001).
+
+Quantized noise prediction ``ε̂ = ε + Δε`` with ``Δε = k·ε + Δ'`` per denoising step:
+
+* :func:`estimate_noise` — from FP/quantized prediction pairs on the same inputs: ``k`` by
+  least squares (clamped ≥ 0), the channel-wise mean ``μ`` of the residual ``Δ'``, its
+  variance ``σ_q²`` (after removing ``μ``), and ``SNR_Q`` before and after correction.
+* Correction of one step: ``ε_c = (ε̂ − μ) / (1 + k)`` — a per-channel affine map of the
+  U-Net output, ``ε_c = a ⊙ ε̂ + b`` (:meth:`StepNoise.affine`), which the compiled model
+  folds into the epilogue of its last conv (per-channel weight scale ``s·a``, bias
+  correction ``(a − 1)·bias + b``).
+* Variance schedule calibration: with ``c_t`` the coefficient of ``ε`` in the sampler's
+  ``x_{t−1}`` update, the quantized step adds ``c_t² σ_q² / (1 + k)²`` of variance; the
+  sampler draws its noise with ``σ'_t² = max(0, σ_t² − c_t² σ_q² / (1 + k)²)`` so the total
+  stays ``σ_t²`` (:func:`calibrated_sigma`). Supported: ``DDPMScheduler`` (fixed variance
+  types) and ``DDIMScheduler`` with ``η > 0`` — where ``c_t`` itself depends on ``σ`` and
+  the equation is solved by bisection. Deterministic samplers (``σ_t = 0``) get ``k`` and
+  the bias only.
+* Step-aware mixed precision (:func:`choose_bits`): per step the smallest activation bit
+  width with ``SNR_Q > SNR_F = ᾱ_t / (1 − ᾱ_t)``, else the largest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+
+# ============================================================================ statistics
+@dataclass(frozen=True)
+class StepNoise:
+    """PTQD statistics of one precision at one time step."""
+
+    timestep: int
+    k: float                   # correlation coefficient, ≥ 0
+    mu: tuple[float, ...]      # channel-wise mean of the residual Δ' (ε channels)
+    var: float                 # variance σ_q² of Δ' − μ
+    snr_q: float               # ‖ε‖ / ‖ε̂ − ε‖ before correction
+    snr_q_corrected: float     # ‖ε‖ / ‖ε_c − ε‖ after k and bias correction (same data)
+    samples: int = 0
+
+    def affine(self, bias_correction: bool = True, correlated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)`` per ε channel with ``ε_c = a·ε̂ + b`` (float64)."""
+        k = self.k if correlated else 0.0
+        a = torch.full((len(self.mu),), 1.0 / (1.0 + k), dtype=torch.float64)
+        mu = torch.tensor(self.mu, dtype=torch.float64) if bias_correction else torch.zeros(len(self.mu), dtype=torch.float64)
+        return a, -mu * a
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timestep": self.timestep, "k": self.k, "mu": list(self.mu), "var": self.var,
+                "snr_q": _finite(self.snr_q), "snr_q_corrected": _finite(self.snr_q_corrected), "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepNoise":
+        return cls(timestep=int(d["timestep"]), k=float(d["k"]), mu=tuple(float(v) for v in d["mu"]),
+                   var=float(d["var"]), snr_q=_unfinite(d["snr_q"]), snr_q_corrected=_unfinite(d["snr_q_corrected"]),
+                   samples=int(d.get("samples", 0)))
+
+
+def _finite(v: float):
+    return v if math.isfinite(v) else "inf"
+
+
+def _unfinite(v) -> float:
+    return math.inf if v == "inf" else float(v)
+
+
+def _ratio(signal: float, noise: float) -> float:
+    return math.inf if noise == 0 else math.sqrt(signal / noise)
+
+
+def estimate_noise(eps: torch.Tensor, eps_q: torch.Tensor, timestep: int = 0) -> StepNoise:
+    """PTQD statistics of ``eps_q`` against ``eps`` (``[B, C, ...]``, the ε channels only).
+
+    ``k = ⟨Δε, ε⟩ / ⟨ε, ε⟩`` clamped to ≥ 0; ``Δ' = Δε − k·ε``; ``μ_c`` = mean of ``Δ'`` over
+    all but the channel dimension; ``σ_q²`` = mean of ``(Δ' − μ)²``.
+    """
+    if eps.shape != eps_q.shape or eps.dim() < 2:
+        raise ValueError(f"estimate_noise needs two predictions of one shape [B, C, ...], got {list(eps.shape)} "
+                         f"and {list(eps_q.shape)}")
+    e, q = eps.double(), eps_q.double()
+    d = q - e
+    ee = float((e * e).sum())
+    k = max(0.0, float((d * e).sum()) / ee) if ee > 0 else 0.0
+    resid = d - k * e
+    dims = [i for i in range(resid.dim()) if i != 1]
+    mu = resid.mean(dim=dims)
+    shape = [1, -1] + [1] * (resid.dim() - 2)
+    centred = resid - mu.view(shape)
+    var = float(centred.pow(2).mean())
+    corrected = (q - mu.view(shape)) / (1 + k)
+    return StepNoise(int(timestep), k, tuple(float(v) for v in mu), var, _ratio(ee, float(d.pow(2).sum())),
+                     _ratio(ee, float((corrected - e).pow(2).sum())), int(e.shape[0]))
+
+
+def nearest(entries: Sequence[Any], timestep: int, key=lambda e: e.timestep):
+    """The entry whose ``timestep`` is closest to ``timestep`` (ties: the later, noisier one)."""
+    if not entries:
+        raise ValueError("no PTQD statistics to look up")
+    return min(entries, key=lambda e: (abs(key(e) - timestep), -key(e)))
+
+
+# ============================================================================ mixed precision
+def snr_f(scheduler, timestep: int) -> float:
+    """``SNR_F(t) = ᾱ_t / (1 − ᾱ_t)`` (PTQD eq. 14)."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: SNR_F (and the mixed-precision plan) "
+                         "needs a DDPM-family (variance-preserving) scheduler")
+    a = float(alphas[int(timestep)])
+    return math.inf if a >= 1.0 else a / (1.0 - a)
+
+
+def choose_bits(snr_by_bits: dict[int, float], snr_forward: float) -> int:
+    """The smallest bit width whose ``SNR_Q`` exceeds ``SNR_F``, else the largest."""
+    for bits in sorted(snr_by_bits):
+        if snr_by_bits[bits] > snr_forward:
+            return bits
+    return max(snr_by_bits)
+
+
+# ============================================================================ variance schedule calibration
+class VSCUnsupported(ValueError):
+    """The scheduler/step has no variance the quantization noise could be absorbed into."""
+
+
+def _alphas(scheduler, timestep: int) -> tuple[float, float]:
+    """``(ᾱ_t, ᾱ_prev)`` of a DDPM/DDIM step as the scheduler computes them."""
+    ac = scheduler.alphas_cumprod
+    t = int(timestep)
+    if hasattr(scheduler, "previous_timestep"):
+        prev = int(scheduler.previous_timestep(t))
+    else:
+        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = float(ac[t])
+    if prev >= 0:
+        a_prev = float(ac[prev])
+    else:
+        a_prev = float(getattr(scheduler, "final_alpha_cumprod", getattr(scheduler, "one", torch.tensor(1.0))))
+    return a_t, a_prev
+
+
+def scheduler_kind(scheduler) -> str:
+    name = type(scheduler).__name__
+    if name == "DDPMScheduler":
+        return "ddpm"
+    if name == "DDIMScheduler":
+        return "ddim"
+    return "other"
+
+
+def _check_epsilon(scheduler) -> None:
+    pred = getattr(scheduler.config, "prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise VSCUnsupported(f"variance schedule calibration is derived for ε-prediction; this scheduler predicts "
+                             f"{pred!r} (k and bias corrections still apply)")
+
+
+def ddpm_sigma2(scheduler, timestep: int) -> float:
+    """The DDPM step's noise variance ``σ_t²`` (``fixed_small`` / ``fixed_small_log`` / ``fixed_large``)."""
+    vt = scheduler.config.variance_type
+    a_t, a_prev = _alphas(scheduler, timestep)
+    beta = 1.0 - a_t / a_prev
+    if int(timestep) <= 0:
+        return 0.0
+    if vt in ("fixed_small", "fixed_small_log"):
+        return max((1.0 - a_prev) / (1.0 - a_t) * beta, 1e-20)
+    if vt == "fixed_large":
+        return beta
+    raise VSCUnsupported(f"DDPMScheduler variance_type={vt!r}: variance schedule calibration supports fixed_small, "
+                         "fixed_small_log and fixed_large (k and bias corrections still apply)")
+
+
+def ddpm_c(scheduler, timestep: int) -> float:
+    """Coefficient of ε in DDPM's ``x_{t−1}``: ``−β_t / (√α_t · √(1 − ᾱ_t))`` (METHODS §3),
+    with ``α_t = ᾱ_t / ᾱ_prev`` for the scheduler's (possibly strided) step."""
+    a_t, a_prev = _alphas(scheduler, timestep)
+    alpha = a_t / a_prev
+    return -(1.0 - alpha) / (math.sqrt(alpha) * math.sqrt(1.0 - a_t))
+
+
+def ddim_sigma2(scheduler, timestep: int, eta: float) -> float:
+    a_t, a_prev = _alphas(scheduler, timestep)
+    return eta ** 2 * (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+
+
+def ddim_c(scheduler, timestep: int, sigma2: float) -> float:
+    """Coefficient of ε in DDIM's ``x_{t−1}`` when its noise has variance ``sigma2``:
+    ``√(1 − ᾱ_prev − σ²) − √ᾱ_prev · √(1 − ᾱ_t) / √ᾱ_t``."""
+    a_t, a_prev = _alphas(scheduler, timestep)
+    return math.sqrt(max(1.0 - a_prev - sigma2, 0.0)) - math.sqrt(a_prev) * math.sqrt(1.0 - a_t) / math.sqrt(a_t)
+
+
+def calibrated_sigma(scheduler, timestep: int, k: float, var: float, eta: float = 0.0) -> tuple[float, float]:
+    """``(σ_t², σ'_t²)`` for one step: the scheduled variance and the calibrated one whose sum
+    with the (corrected) quantization noise's contribution ``c_t² σ_q² / (1 + k)²`` is ``σ_t²``
+    (``σ'² = 0`` when it cannot all be absorbed). Raises :class:`VSCUnsupported` otherwise."""
+    kind = scheduler_kind(scheduler)
+    if kind == "other":
+        raise VSCUnsupported(f"variance schedule calibration supports DDPMScheduler and DDIMScheduler (eta > 0), "
+                             f"not {type(scheduler).__name__} (k and bias corrections still apply)")
+    _check_epsilon(scheduler)
+    extra = var / (1.0 + k) ** 2
+    if kind == "ddpm":
+        s2 = ddpm_sigma2(scheduler, timestep)
+        return s2, max(0.0, s2 - ddpm_c(scheduler, timestep) ** 2 * extra)
+    s2 = ddim_sigma2(scheduler, timestep, eta)
+    if s2 <= 0.0:
+        return 0.0, 0.0
+
+    def total(u: float) -> float:   # variance of the step when its noise has variance u
+        return u + ddim_c(scheduler, timestep, u) ** 2 * extra
+
+    if total(0.0) >= s2:
+        return s2, 0.0
+    lo, hi = 0.0, s2   # total(lo) < s2 <= total(hi)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if total(mid) < s2:
+            lo = mid
+        else:
+            hi = mid
+    return s2, 0.5 * (lo + hi)
+
+
+def eps_channels(unet) -> int:
+    """Output channels that predict ε (the first half when the U-Net also predicts a variance)."""
+    cfg = unet.config
+    out = getattr(cfg, "out_channels", None) or cfg.in_channels
+    return cfg.in_channels if out == 2 * cfg.in_channels else out
+
+
+# ============================================================================ calibration (called by qdcompile.calibrate)
+def _subset(calib, keep) -> Any:
+    """The entries of a calibration set whose time step satisfies ``keep(t)``."""
+    from .calibration import CalibrationSet
+
+    out = CalibrationSet()
+    for x, t, kw, i in zip(calib.x, calib.t, calib.kwargs, calib.step_indices):
+        if keep(int(t)):
+            out.x.append(x)
+            out.t.append(t)
+            out.kwargs.append(kw)
+            out.step_indices.append(i)
+    return out
+
+
+def calibrate_activations(unet, calib, records: dict[str, Any], bits: int, recipe, *, seed: int = 0,
+                          progress: bool = True) -> dict[str, list[Any]]:
+    """Activation quantizers at ``bits`` for the layers of ``records`` not kept at 8 bit, with
+    the records' weights fixed: observed ranges on ``calib``, then (``qdiffusion``) LSQ step
+    sizes block by block. Returns layer → quantizer per input part."""
+    import dataclasses
+
+    from .calibration import _matches, observe_ranges
+    from .kernels.quantizers import act_qparams
+    from .metadata import ActQuant
+
+    names = [n for n, r in records.items() if not _matches(n, recipe.keep_8bit) and r.act_quants()]
+    splits = {n: tuple(p.channels for p in records[n].split) for n in names if records[n].split}
+    ranges = observe_ranges(unet, calib, names, recipe, progress=progress, splits=splits)
+
+    def quantizer(lo_hi) -> ActQuant:
+        scale, zp = act_qparams(lo_hi[0], lo_hi[1], bits)
+        return ActQuant(bits, scale, zp, (float(lo_hi[0]), float(lo_hi[1])))
+
+    new = dict(records)
+    for n in names:
+        if n in ranges:
+            rng = ranges[n] if n in splits else [ranges[n]]
+            new[n] = records[n].with_act([quantizer(r) for r in rng])
+    if recipe.method == "qdiffusion" and recipe.act_lsq_iters > 0:
+        from .reconstruct import reconstruct
+
+        new, _ = reconstruct(unet, calib, new, dataclasses.replace(recipe, recon_iters=0), seed=seed, progress=progress)
+    return {n: new[n].act_quants() for n in names if n in ranges}
+
+
+@torch.no_grad()
+def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence[Optional[int]],
+                     progress: bool = True) -> dict[int, list[StepNoise]]:
+    """Per precision, per time step of ``trajectory`` (inputs with FP predictions): PTQD stats
+    of the fake-quantized model against FP, over all images of the step."""
+    from tqdm.auto import tqdm
+
+    from .sampling import call_unet
+    from .simulate import simulate
+
+    p = next(unet.parameters())
+    out: dict[int, list[StepNoise]] = {}
+    for bits in precisions:
+        view = meta.at_precision(bits)
+        by_t: dict[int, tuple[list, list]] = {}
+        with simulate(unet, view):
+            for s in tqdm(trajectory.steps, desc=f"PTQD statistics A{bits}", disable=not progress, leave=False):
+                kw = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in s.kwargs.items()}
+                eps_q = call_unet(unet, s.x.to(p.device, p.dtype), s.timestep.to(p.device), kw).float().cpu()
+                e, q = by_t.setdefault(int(s.timestep), ([], []))
+                e.append(s.eps[:, :channels])
+                q.append(eps_q[:, :channels])
+        key = meta.default_act_bits if bits is None else bits
+        out[key] = [estimate_noise(torch.cat(e), torch.cat(q), t) for t, (e, q) in sorted(by_t.items(), reverse=True)]
+    return out
+
+
+def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, batch_size=None, sample_kwargs=None,
+                    seed: int = 0, progress: bool = True) -> None:
+    """PTQD stage of :func:`qdcompile.calibrate`, filling ``meta`` in place: for a mixed recipe
+    the per-precision activation quantizers and the plan; the noise statistics per precision
+    and step; and the correction layer. Trajectories are fresh FP samples (``seed + 7919``),
+    every step of the ``num_inference_steps`` schedule."""
+    from .evaluate import TrajectoryRecorder
+    from .sampling import sample
+
+    recipe = meta.recipe
+    recorder = TrajectoryRecorder(recipe.noise_samples)
+    sample(unet, scheduler, num_images=recipe.noise_samples, num_inference_steps=num_inference_steps,
+           generator=torch.Generator().manual_seed(seed + 7919), batch_size=batch_size, sample_kwargs=sample_kwargs,
+           progress=progress, callback=recorder, to_image=False)
+    trajectory = recorder.finish(unet)
+    channels = eps_channels(unet)
+    meta.noise_layer = "conv_out" if "conv_out" in meta.layers else list(meta.layers)[-1]
+    if recipe.act_bits_mixed:
+        others = [b for b in recipe.act_bits_mixed if b != recipe.act_bits]
+        # 1. every candidate width calibrated on all steps → SNR_Q per step → the plan
+        for b in others:
+            meta.act_variants[b] = calibrate_activations(unet, calib, meta.layers, b, recipe, seed=seed, progress=progress)
+        stats = noise_statistics(unet, meta, trajectory, channels, [None, *others], progress)
+        timesteps = [s.timestep for s in stats[recipe.act_bits]]
+        meta.precision_plan = [(t, choose_bits({b: nearest(stats[b], t).snr_q for b in stats}, snr_f(scheduler, t)))
+                               for t in timesteps]
+        # 2. each width's activation quantizers re-calibrated on its own steps (weights shared)
+        plan = dict(meta.precision_plan)
+        for b in recipe.act_bits_mixed:
+            own = _subset(calib, lambda t, b=b: nearest(list(plan.items()), t, key=lambda e: e[0])[1] == b)
+            if not own.x:
+                continue   # never chosen: keep its all-steps calibration
+            acts = calibrate_activations(unet, own, meta.layers, b, recipe, seed=seed, progress=progress)
+            if b == recipe.act_bits:
+                meta.layers.update({n: meta.layers[n].with_act(a) for n, a in acts.items()})
+            else:
+                meta.act_variants[b] = acts
+        meta.calibration["precision_plan_counts"] = {f"A{b}": sum(v == b for v in plan.values())
+                                                     for b in recipe.act_bits_mixed}
+    meta.noise = noise_statistics(unet, meta, trajectory, channels, [None, *sorted(meta.act_variants)], progress)
+    meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
+                                 "scheduler": type(scheduler).__name__, "eps_channels": channels}
