@@ -10,7 +10,8 @@ Dynamo passes module weights as graph inputs and reuses one compiled graph for e
 instance of a module class with the same shapes; the rewrite bakes one model's quantized
 weights into the graph. So the compiled callable checks (by identity, cheaply) that the
 weights it is called with are the ones it was specialised for, and specialises again for
-another model instance (its own metadata, or float when it has none).
+another model instance (its own metadata, or float when it has none), or when the model's
+metadata was re-attached since (the old graph baked in the old metadata).
 
 Step-aware mixed precision: the graph is specialised per activation precision too (see
 ``registry.precision``). Dynamo sees one graph and one backend; the precision is chosen at
@@ -29,7 +30,7 @@ import os
 import torch.fx as fx
 
 from .quantize_layers import CONV_TARGETS, LINEAR_TARGETS, RewriteStats, rewrite_quantized_layers
-from .registry import active_precision
+from .registry import active_precision, generation, lookup
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +76,44 @@ def _compile(gm: fx.GraphModule, example_inputs):
     return compile_fx(gm, example_inputs)
 
 
+class _Variant:
+    """One compiled specialisation: the weights and bindings it baked in, and its precision."""
+
+    def __init__(self, weights: list, precision, fn):
+        self.weights, self.precision, self.fn = weights, precision, fn
+        self.bindings = [lookup(w) for w in weights]
+        self.generation = generation()
+
+    def serves(self, args, weight_idx, precision) -> bool:
+        if self.precision != precision or not all(args[i] is w for i, w in zip(weight_idx, self.weights)):
+            return False
+        if self.generation != generation():   # something was attached/detached since: still ours?
+            if any(lookup(w) is not b for w, b in zip(self.weights, self.bindings)):
+                return False
+            self.generation = generation()
+        return True
+
+
 def qdiff_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     weight_idx = _weight_input_indices(gm)
     pristine = copy.deepcopy(gm) if weight_idx else None
     first = _compile(gm, example_inputs)
     if not weight_idx:
         return first
-    # (weights the variant was specialised for, activation precision) → compiled callable
-    variants = [([example_inputs[i] for i in weight_idx], active_precision(), first)]
+    variants = [_Variant([example_inputs[i] for i in weight_idx], active_precision(), first)]
 
     def run(*args):
         bits = active_precision()
-        for weights, prec, fn in variants:
-            if prec == bits and all(args[i] is w for i, w in zip(weight_idx, weights)):
-                return fn(*args)
+        for v in variants:
+            if v.serves(args, weight_idx, bits):
+                return v.fn(*args)
+        weights = [args[i] for i in weight_idx]
+        # a variant for the same weights and precision whose metadata was replaced is stale
+        variants[:] = [v for v in variants if not (v.precision == bits and all(a is b for a, b in zip(v.weights, weights)))]
         logger.info("qdiff backend: specialising the graph for %s",
-                    f"activation precision A{bits}" if bits is not None else "another model instance")
+                    f"activation precision A{bits}" if bits is not None else "this model's weights and metadata")
         fn = _compile(copy.deepcopy(pristine), list(args))
-        variants.append(([args[i] for i in weight_idx], bits, fn))
+        variants.append(_Variant(weights, bits, fn))
         return fn(*args)
 
     return run

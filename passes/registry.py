@@ -120,14 +120,22 @@ def active_precision() -> Optional[int]:
 
 
 _BINDINGS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_GENERATION = [0]
 
 
 def bind(weight: torch.Tensor, binding: Binding) -> None:
     _BINDINGS[weight] = binding
+    _GENERATION[0] += 1
 
 
 def unbind(weight: torch.Tensor) -> None:
-    _BINDINGS.pop(weight, None)
+    if _BINDINGS.pop(weight, None) is not None:
+        _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """Changes whenever a binding is added or removed (compiled graphs re-check theirs then)."""
+    return _GENERATION[0]
 
 
 def lookup(weight: torch.Tensor) -> Binding | None:

@@ -173,9 +173,9 @@ class QuantizedUNet(nn.Module):
         return fixed
 
     # ------------------------------------------------------------------ sampler conveniences
-    def plan(self, scheduler, num_inference_steps: int) -> list[dict[str, Any]]:
+    def plan(self, scheduler, num_inference_steps: int, eta: float = 0.0) -> list[dict[str, Any]]:
         """Per step of ``scheduler`` with ``num_inference_steps``: time step, precision and the
-        corrections that apply (k, bias, σ_t → σ'_t)."""
+        corrections that apply (k, bias, σ_t → σ'_t; ``eta`` for DDIM)."""
         sched = copy.deepcopy(unwrap_scheduler(scheduler))
         sched.set_timesteps(num_inference_steps)
         rows = []
@@ -189,15 +189,15 @@ class QuantizedUNet(nn.Module):
                 if self.corrections.variance:
                     try:
                         s2, s2c = calibrated_sigma(sched, t, n.k if self.corrections.correlated else 0.0, n.var,
-                                                   eta=getattr(scheduler, "eta", 0.0))
+                                                   eta=eta)
                         row.update(sigma2=s2, sigma2_calibrated=s2c)
                     except VSCUnsupported:
                         pass
             rows.append(row)
         return rows
 
-    def format_plan(self, scheduler, num_inference_steps: int) -> str:
-        rows = self.plan(scheduler, num_inference_steps)
+    def format_plan(self, scheduler, num_inference_steps: int, eta: float = 0.0) -> str:
+        rows = self.plan(scheduler, num_inference_steps, eta)
         lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}, corrections {self.corrections.label()}):"]
         runs: list[list] = []
         for r in rows:

@@ -58,12 +58,13 @@ def sample(model: torch.nn.Module, scheduler, num_images: int = 16, num_inferenc
            generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
            sample_kwargs: Optional[dict[str, Any]] = None, progress: bool = True,
            callback: Optional[StepCallback] = None, to_image: Optional[bool] = None,
-           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+           dtype: Optional[torch.dtype] = None, step_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor:
     """Run the reverse diffusion from Gaussian noise; return ``[num_images, C, H, W]``.
 
     ``to_image`` (default: True for pixel-space ``UNet2DModel``) maps the result from
     [-1, 1] to [0, 1] and clamps; latent models return raw latents. ``callback(step,
     t, x_t, kwargs)`` is called before each U-Net evaluation (calibration uses it).
+    ``step_kwargs`` go to every ``scheduler.step`` call (e.g. ``{"eta": 0.5}`` for DDIM).
     """
     if num_images < 1 or num_inference_steps < 1:
         raise ValueError(f"num_images and num_inference_steps must be >= 1, got {num_images}, {num_inference_steps}")
@@ -89,7 +90,7 @@ def sample(model: torch.nn.Module, scheduler, num_images: int = 16, num_inferenc
             if callback is not None:
                 callback(i, t, model_in, kwargs)
             eps = call_unet(model, model_in, t.to(device), kwargs)
-            x = sched.step(eps.float(), t, x, generator=generator).prev_sample
+            x = sched.step(eps.float(), t, x, generator=generator, **(step_kwargs or {})).prev_sample
         results.append(x.float())
     out = torch.cat(results)
     return ((out / 2 + 0.5).clamp(0, 1)) if to_image else out

@@ -176,6 +176,7 @@ def test_split_concat_layers_route_to_split_kernel():
     rec = meta.layers[name]
     rec.split = parts
     rec.weight_q = torch.cat([p.weight_q for p in parts], 1)
+    rec.weight_scale = torch.stack([p.weight_scale for p in parts])   # [parts, N], as metadata documents
     rec.act_scale = rec.act_zero_point = rec.act_bits = None
     qdcompile.attach(unet, meta)
     fast = torch.compile(unet, backend="qdiff", fullgraph=True)

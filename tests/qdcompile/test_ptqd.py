@@ -1,0 +1,312 @@
+"""PTQD: noise statistics, corrections, variance schedule calibration, mixed precision, sampler."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qdcompile import QuantRecipe, calibrate, load_metadata
+from qdcompile.metadata import MetadataError
+from qdcompile.pipeline import Corrections, CorrectedScheduler, QuantizedUNet, quantize_pipeline
+from qdcompile.ptqd import (StepNoise, calibrated_sigma, choose_bits, ddim_c, ddim_sigma2, ddpm_c, ddpm_sigma2,
+                            estimate_noise)
+from tests.equivalence import rel
+from tests.tiny_models import tiny_unet2d
+
+
+# ---------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("k", [0.0, 0.07, 0.3])
+def test_estimates_recover_known_k_bias_and_variance(k):
+    g = torch.Generator().manual_seed(int(k * 100) + 1)
+    eps = torch.randn(32, 3, 16, 16, generator=g)
+    mu = torch.randn(3, generator=g) * 0.05
+    sigma = 0.1 + 0.2 * torch.rand((), generator=g).item()
+    eps_q = (1 + k) * eps + mu.view(1, 3, 1, 1) + sigma * torch.randn(eps.shape, generator=g)
+    s = estimate_noise(eps, eps_q, timestep=17)
+    n = eps.numel()
+    # standard errors: k ≈ σ/√n, μ_c ≈ σ/√(n/3), σ² ≈ σ²·√(2/n); 5 standard errors
+    assert abs(s.k - k) < 5 * sigma / math.sqrt(n)
+    assert torch.allclose(torch.tensor(s.mu), mu, atol=5 * sigma / math.sqrt(n / 3))
+    assert abs(s.var - sigma ** 2) < 5 * sigma ** 2 * math.sqrt(2 / n)
+    assert s.timestep == 17 and s.samples == 32
+    # the correction removes the correlated part and the bias: what is left is the noise
+    assert s.snr_q_corrected > s.snr_q
+    assert s.snr_q_corrected == pytest.approx(math.sqrt(eps.pow(2).sum() / (n * sigma ** 2 / (1 + s.k) ** 2)),
+                                              rel=0.03)
+
+
+def test_negative_correlation_is_clamped_to_zero():
+    g = torch.Generator().manual_seed(3)
+    eps = torch.randn(8, 2, 8, 8, generator=g)
+    s = estimate_noise(eps, 0.8 * eps + 0.01 * torch.randn(eps.shape, generator=g))
+    assert s.k == 0.0
+    a, b = s.affine()
+    assert torch.all(a == 1.0)
+
+
+def test_affine_is_the_papers_correction():
+    s = StepNoise(5, 0.25, (0.1, -0.2), 0.01, 10.0, 12.0)
+    a, b = s.affine()
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    got = a.view(2, 1, 1) * x + b.view(2, 1, 1)
+    want = (x - torch.tensor([0.1, -0.2], dtype=torch.float64).view(2, 1, 1)) / 1.25
+    assert torch.allclose(got, want)
+    a0, b0 = s.affine(bias_correction=False)
+    assert torch.all(b0 == 0) and torch.all(a0 == 0.8)
+
+
+def test_mixed_precision_picks_the_smallest_width_above_snr_f():
+    assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=1.0) == 4
+    assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=5.0) == 8
+    assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=100.0) == 8     # none passes: the largest
+
+
+# ---------------------------------------------------------------------------- c_t and VSC
+def _ddpm(**kw):
+    from diffusers import DDPMScheduler
+
+    s = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **kw)
+    s.set_timesteps(50)
+    return s
+
+
+def _ddim():
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    s.set_timesteps(50)
+    return s
+
+
+@pytest.mark.parametrize("t", [980, 500, 40])
+def test_ddpm_c_t_is_the_coefficient_of_eps_in_the_scheduler_step(t):
+    s = _ddpm()
+    x, eps, d = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    step = lambda e: s.step(e, t, x, generator=torch.Generator().manual_seed(0)).prev_sample.double()
+    c_numeric = float(((step(eps + d) - step(eps)) * d.double()).sum() / d.double().pow(2).sum())
+    assert c_numeric == pytest.approx(ddpm_c(s, t), rel=1e-4)
+    beta = 1 - float(s.alphas_cumprod[t] / s.alphas_cumprod[t - 20])
+    assert ddpm_sigma2(s, t) == pytest.approx(float(s._get_variance(t)), rel=1e-5)
+    assert ddpm_c(s, t) == pytest.approx(-beta / math.sqrt(1 - beta) / math.sqrt(1 - float(s.alphas_cumprod[t])), rel=1e-5)
+
+
+@pytest.mark.parametrize("t", [980, 500, 40])
+def test_ddim_c_t_follows_the_step_for_its_noise_level(t):
+    s, eta = _ddim(), 0.7
+    x, eps, d = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    z = torch.randn(4, 1, 8, 8)
+    step = lambda e: s.step(e, t, x, eta=eta, variance_noise=z).prev_sample.double()
+    c_numeric = float(((step(eps + d) - step(eps)) * d.double()).sum() / d.double().pow(2).sum())
+    assert c_numeric == pytest.approx(ddim_c(s, t, ddim_sigma2(s, t, eta)), rel=1e-4)
+
+
+def _constant_step_variance(sched, unet_stub, t, k, mu, sigma_q, n=400_000, **step_kw):
+    """Variance of x_{t-1} over quantization noise and the step's noise, with x_t and ε fixed:
+    ε̂ = (1+k)ε + μ + σ_q·n, corrected by the stub's statistics when ``unet_stub`` is given."""
+    g = torch.Generator().manual_seed(t)
+    x = torch.full((1, 1, n), 0.3)
+    eps = torch.full((1, 1, n), -0.4)
+    eps_q = (1 + k) * eps + mu + sigma_q * torch.randn(x.shape, generator=g)
+    if unet_stub is None:
+        out = sched.step(eps_q, t, x, generator=g, **step_kw).prev_sample
+    else:
+        a, b = unet_stub.noise_at(t).affine()
+        out = CorrectedScheduler(sched, unet_stub).step(a * eps_q + b, t, x, generator=g, **step_kw).prev_sample
+    return float(out.double().var())
+
+
+def _stub(k, mu, var):
+    stats = StepNoise(0, k, (mu,), var, 1.0, 1.0)
+    return SimpleNamespace(corrections=Corrections(), meta=SimpleNamespace(noise={8: [stats]}),
+                           noise_at=lambda t: stats)
+
+
+@pytest.mark.parametrize("t", [500, 100])
+def test_vsc_keeps_the_ddpm_step_variance_at_the_schedule(t):
+    k, mu = 0.1, 0.05
+    sched = _ddpm()
+    target = ddpm_sigma2(sched, t)
+    # quantization noise worth 30% of the step's variance (after the 1/(1+k) correction)
+    sigma_q = (1 + k) * math.sqrt(0.3 * target) / abs(ddpm_c(sched, t))
+    corrected = _constant_step_variance(sched, _stub(k, mu, sigma_q ** 2), t, k, mu, sigma_q)
+    plain = _constant_step_variance(sched, None, t, k, mu, sigma_q)
+    assert corrected == pytest.approx(target, rel=0.01)
+    assert plain > 1.05 * target       # without VSC the quantization noise adds variance
+    s2, s2c = calibrated_sigma(sched, t, k, sigma_q ** 2)
+    assert s2c < s2 == pytest.approx(target)
+
+
+def test_vsc_keeps_the_ddim_step_variance_at_the_schedule():
+    t, eta, k, mu = 500, 0.8, 0.05, -0.03
+    sched = _ddim()
+    target = ddim_sigma2(sched, t, eta)
+    sigma_q = (1 + k) * math.sqrt(0.3 * target) / abs(ddim_c(sched, t, target))
+    corrected = _constant_step_variance(sched, _stub(k, mu, sigma_q ** 2), t, k, mu, sigma_q, eta=eta)
+    assert corrected == pytest.approx(target, rel=0.01)
+    assert _constant_step_variance(sched, None, t, k, mu, sigma_q, eta=eta) > 1.05 * target
+
+
+def test_vsc_cannot_absorb_more_than_the_schedule_and_skips_deterministic_steps():
+    sched = _ddpm()
+    assert calibrated_sigma(sched, 40, 0.0, 100.0)[1] == 0.0        # too much noise: σ' = 0
+    assert calibrated_sigma(_ddim(), 500, 0.0, 0.01, eta=0.0) == (0.0, 0.0)   # DDIM η = 0
+    from diffusers import EulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler"):
+        calibrated_sigma(EulerDiscreteScheduler(), 500, 0.0, 0.01)
+
+
+# ---------------------------------------------------------------------------- calibrated model
+_FAST = dict(recon_iters=8, act_lsq_iters=4, recon_batch_size=8, noise_samples=3)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    from tests.tiny_models import scheduler
+
+    unet = tiny_unet2d(seed=5)
+    meta = calibrate(unet, scheduler(), QuantRecipe.mixed(**_FAST), num_samples=3, num_inference_steps=6,
+                     progress=False, attach=False)
+    path = meta.save(tmp_path_factory.mktemp("ptqd") / "tiny.mixed.qdiff")
+    return unet, meta, path
+
+
+def test_mixed_calibration_stores_variants_statistics_and_plan(mixed):
+    unet, meta, path = mixed
+    assert set(meta.precisions) == {4, 8} and meta.noise_layer == "conv_out"
+    assert {b for _, b in meta.precision_plan} <= {4, 8} and len(meta.precision_plan) == 6
+    for bits in (4, 8):
+        assert len(meta.noise[bits]) == 6 and all(s.k >= 0 and s.var > 0 for s in meta.noise[bits])
+    # A4 quantizers for every 4-bit-weight layer; the 8-bit first/last layers keep theirs
+    assert "conv_in" not in meta.act_variants[4] and "conv_out" not in meta.act_variants[4]
+    assert all(a.act_bits == 4 for acts in meta.act_variants[4].values() for a in acts)
+    loaded = load_metadata(path)
+    assert loaded.precision_plan == meta.precision_plan and loaded.noise == meta.noise
+    assert loaded.act_variants == meta.act_variants
+
+
+def test_metadata_rejects_a_plan_with_an_unknown_precision(mixed, tmp_path):
+    import dataclasses
+
+    _, meta, _ = mixed
+    bad = dataclasses.replace(meta, precision_plan=[(999, 4), (0, 6)])
+    path = bad.save(tmp_path / "bad.qdiff")
+    with pytest.raises(MetadataError, match="A6"):
+        load_metadata(path)
+
+
+def test_fused_correction_matches_the_elementwise_correction(mixed):
+    """The compiled model folds 1/(1+k) and the bias into conv_out's epilogue; the simulation
+    applies them after the U-Net. Same metadata, same step: same ε (up to float rounding)."""
+    unet, meta, _ = mixed
+    fast = QuantizedUNet(unet, meta, backend="qdiff")
+    sim = QuantizedUNet(unet, meta, backend="simulate")
+    uncorrected = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none())
+    x = torch.randn(2, 1, 16, 16)
+    for t, bits in (meta.precision_plan[0], meta.precision_plan[-1]):
+        tt = torch.tensor(t)
+        with torch.no_grad():
+            got, want, raw = fast(x, tt).sample, sim(x, tt).sample, uncorrected(x, tt).sample
+            fp = unet(x, tt).sample
+        assert fast.trace[-1] == (t, bits)
+        a, b = meta.noise_at(bits, t).affine()
+        assert rel(want, a.float() * raw + b.float()) < 1e-6
+        # integer kernels vs fake-quant: float-rounding level, or (a few code flips) far below
+        # the quantization error itself (see tests/equivalence.py)
+        assert rel(got, want) < max(1e-4, 0.2 * rel(want, fp)), (t, bits)
+    assert fast._fused is not None     # the compiled model applies it in conv_out's epilogue
+
+
+def test_fused_correction_is_rewritten_per_step_and_follows_reattached_metadata(mixed):
+    """Large, known corrections: the compiled output is (raw − μ)/(1 + k) for each step's own
+    statistics, switching between steps without recompiling; re-attaching other metadata to
+    the same model is picked up (not the graph compiled for the old one)."""
+    import dataclasses
+
+    from qdcompile.passes.backend import compile_count
+
+    unet, meta, _ = mixed
+    (t0, b0), (t1, b1) = meta.precision_plan[0], meta.precision_plan[-1]
+    known = {b: [StepNoise(t0, 0.5, (0.3,), 0.01, 1.0, 1.0), StepNoise(t1, 0.0, (-0.2,), 0.01, 1.0, 1.0)]
+             for b in meta.precisions}
+    big = dataclasses.replace(meta, noise=known)
+    fast = QuantizedUNet(unet, big, backend="qdiff")
+    raw = QuantizedUNet(unet, big, backend="qdiff", corrections=Corrections.none())
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        for t, want in ((t0, lambda r: (r - 0.3) / 1.5), (t1, lambda r: r + 0.2), (t0, lambda r: (r - 0.3) / 1.5)):
+            r = raw(x, torch.tensor(t)).sample
+            n = compile_count()
+            got = fast(x, torch.tensor(t)).sample
+            assert compile_count() == n
+            assert rel(got, want(r)) < 1e-5, t
+
+
+def test_sampler_never_recompiles_after_warmup(mixed):
+    from diffusers import DDPMScheduler
+
+    from qdcompile.passes.backend import compile_count
+
+    unet, meta, _ = mixed
+    torch._dynamo.reset()
+    q = QuantizedUNet(unet, meta, backend="qdiff")
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    start = compile_count()
+    q.warmup(sched, 6, batch_size=2)
+    before = (compile_count(), torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    precisions = len({b for _, b in meta.precision_plan})
+    assert before[0] - start >= precisions    # each precision's variant compiled during warm-up
+    q.sample(sched, num_images=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), progress=False)
+    assert (compile_count(), torch._dynamo.utils.counters["stats"]["unique_graphs"]) == before
+    assert {b for _, b in q.trace} == {b for _, b in meta.precision_plan}
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_pipeline_path_gives_the_explicit_samplers_images(mixed, kind):
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    unet, meta, _ = mixed
+    if kind == "ddpm":
+        sched = DDPMScheduler(num_train_timesteps=1000)
+        pipe = DDPMPipeline(unet=unet, scheduler=sched)
+        call = dict(num_inference_steps=6)
+        step_kw: dict = {}
+    else:
+        sched = DDIMScheduler(num_train_timesteps=1000)
+        pipe = DDIMPipeline(unet=unet, scheduler=sched)
+        call = dict(num_inference_steps=6, eta=0.5)
+        step_kw = {"eta": 0.5}
+    pipe.set_progress_bar_config(disable=True)
+    quantize_pipeline(pipe, meta, backend="simulate")
+    assert isinstance(pipe.unet, QuantizedUNet) and isinstance(pipe.scheduler, CorrectedScheduler)
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), output_type="np", **call).images
+    q = QuantizedUNet(unet, meta, backend="simulate")
+    ref = q.sample(sched, num_images=2, num_inference_steps=6, generator=torch.Generator().manual_seed(4),
+                   progress=False, step_kwargs=step_kw)
+    assert torch.allclose(torch.from_numpy(images).permute(0, 3, 1, 2), ref, atol=1e-6)
+    assert pipe.scheduler.last_sigma2 is None or pipe.scheduler.last_sigma2[1] <= pipe.scheduler.last_sigma2[0]
+
+
+def test_corrections_need_statistics(mixed):
+    unet, meta, _ = mixed
+    import dataclasses
+
+    plain = dataclasses.replace(meta, noise={}, precision_plan=[], act_variants={})
+    with pytest.raises(MetadataError, match="noise statistics"):
+        QuantizedUNet(unet, plain, backend="simulate", corrections=Corrections())
+    with pytest.raises(MetadataError, match="precision plan"):
+        QuantizedUNet(unet, plain, backend="simulate", mixed=True)
+    assert QuantizedUNet(unet, plain, backend="simulate").corrections == Corrections.none()
+
+
+def test_mixed_recipe_validation():
+    r = QuantRecipe.mixed()
+    assert r.weight_bits == 4 and r.act_bits == 8 and r.act_bits_mixed == (4, 8) and r.noise_correction
+    assert QuantRecipe.from_json(r.to_json()) == r
+    with pytest.raises(ValueError, match="act_bits=8"):
+        QuantRecipe.mixed(act_bits=4)
+    with pytest.raises(ValueError, match="2 distinct widths"):
+        QuantRecipe.mixed(act_bits_mixed=(8,))
