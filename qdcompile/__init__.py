@@ -25,6 +25,7 @@ _EXPORTS = {
     "calibrate": "calibration", "collect_calibration_set": "calibration",
     "attach": "api", "detach": "api", "report": "api",
     "sample": "sampling",
+    "QuantizedUNet": "pipeline", "Corrections": "pipeline", "quantize_pipeline": "pipeline",
     "reference_model": "reference_models",
 }
 
@@ -47,6 +48,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .api import attach, detach, report
     from .calibration import calibrate, collect_calibration_set
+    from .pipeline import Corrections, QuantizedUNet, quantize_pipeline
     from .metadata import LayerQuant, MetadataError, QuantMetadata, SplitPart, load_metadata
     from .recipe import QuantRecipe
     from .reference_models import reference_model

@@ -81,24 +81,45 @@ def cmd_sample(args) -> int:
     import qdcompile
     from .images import save_comparison_grid
     from .models import load_model
+    from .pipeline import Corrections, QuantizedUNet
 
+    if (args.metadata is None) == (args.recipe is None):
+        raise ValueError("pass --metadata FILE (calibrated before) or --recipe NAME (calibrate now), not both")
     device = _device(args.device)
     dtype = _dtype(device)
     unet, scheduler = load_model(args.model, device=device, dtype=dtype)
+    if args.scheduler == "ddim":
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(scheduler.config)
+    elif args.eta:
+        raise ValueError("--eta applies to DDIM sampling: add --scheduler ddim")
     kwargs = _sample_kwargs(unet, args.prompt_embeds, device, dtype)
-    meta = qdcompile.load_metadata(args.metadata)
-    qdcompile.attach(unet, meta)
-    fast = torch.compile(unet, backend="qdiff")
+    if args.metadata:
+        meta = qdcompile.load_metadata(args.metadata)
+    else:
+        recipe = qdcompile.QuantRecipe.preset(args.recipe)
+        print(f"calibrating {args.model} for {recipe.name} ({args.calib_samples} samples x {args.steps} steps)")
+        meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.calib_samples,
+                                   num_inference_steps=args.steps, seed=args.seed + 1, progress=not args.quiet,
+                                   sample_kwargs=kwargs, attach=False)
+        if args.save_metadata:
+            print(f"wrote {meta.save(args.save_metadata)}")
+    corrections = Corrections.none() if args.no_correction or not meta.noise else Corrections()
+    quant_unet = QuantizedUNet(unet, meta, backend="qdiff", corrections=corrections)
+    if meta.precision_plan or meta.noise:
+        print(quant_unet.format_plan(scheduler, args.steps, eta=args.eta))
+    step_kwargs = {"eta": args.eta} if args.scheduler == "ddim" else None
 
-    def run(model):
+    def run(sample_fn):
         g = torch.Generator().manual_seed(args.seed)
-        return qdcompile.sample(model, scheduler, num_images=args.num_images, num_inference_steps=args.steps,
-                                generator=g, sample_kwargs=kwargs, progress=not args.quiet)
+        return sample_fn(num_images=args.num_images, num_inference_steps=args.steps, generator=g,
+                         sample_kwargs=kwargs, progress=not args.quiet, step_kwargs=step_kwargs)
 
-    quant = run(fast)
+    quant = run(lambda **kw: quant_unet.sample(scheduler, **kw))
     rows = [(f"{meta.recipe.name} (qdiff)", quant)]
     if args.compare_fp:
-        fp = run(unet)  # the eager module is the float model
+        fp = run(lambda **kw: qdcompile.sample(unet, scheduler, **kw))  # the eager module is the float model
         rows.insert(0, ("FP", fp))
         print(f"sample PSNR vs FP (same seeds): {psnr_db(fp, quant):.2f} dB")
     if args.out:
@@ -107,7 +128,7 @@ def cmd_sample(args) -> int:
             print(f"latent samples ({quant.shape[1]} channels) saved to {Path(args.out).with_suffix('.pt')}")
         else:
             print(f"wrote {save_comparison_grid(rows, args.out)}")
-    print(qdcompile.report(fast))
+    print(qdcompile.report(quant_unet.model))
     return 0
 
 
@@ -132,7 +153,10 @@ def cmd_demo(args) -> int:
     print(f"      done in {time.perf_counter() - t0:.1f}s -> {meta_path}")
 
     print("[2/4] compiling with torch.compile(unet, backend='qdiff')")
-    fast = torch.compile(unet, backend="qdiff")
+    from .pipeline import QuantizedUNet
+
+    quant_unet = QuantizedUNet(unet, meta, backend="qdiff")   # per-step precision + PTQD corrections, if any
+    fast = quant_unet.model
     c, h, w = unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
     x = torch.randn(args.num_images, c, h, w, device=device, dtype=dtype)
     t = torch.full((args.num_images,), 500, device=device)
@@ -144,19 +168,21 @@ def cmd_demo(args) -> int:
     print(f"      compiled in {compile_s:.1f}s")
 
     print(f"[3/4] sampling {args.num_images} images, {args.steps} steps, FP and {recipe.name}, same seeds")
+    if meta.precision_plan or meta.noise:
+        print(quant_unet.format_plan(scheduler, args.steps))
 
-    def run(model):
+    def run(sample_fn):
         g = torch.Generator().manual_seed(args.seed)
-        return qdcompile.sample(model, scheduler, num_images=args.num_images, num_inference_steps=args.steps,
-                                generator=g, progress=not args.quiet)
+        return sample_fn(num_images=args.num_images, num_inference_steps=args.steps, generator=g,
+                         progress=not args.quiet)
 
     t0 = time.perf_counter()
-    quant = run(fast)
+    quant = run(lambda **kw: quant_unet.sample(scheduler, **kw))
     _sync(device)
     quant_s = time.perf_counter() - t0
     # the eager module is still the float model: metadata only changes what the qdiff backend compiles
     t0 = time.perf_counter()
-    fp = run(unet)
+    fp = run(lambda **kw: qdcompile.sample(unet, scheduler, **kw))
     _sync(device)
     fp_s = time.perf_counter() - t0
     with torch.no_grad():
@@ -211,13 +237,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+RECIPES = ["w8a8", "w4a8", "w4a4", "ptqd", "mixed"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdcompile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="calibrate + compile + sample the embedded model; grid, report, timings")
     p.add_argument("--model", default="mnist", help="shipped reference model")
-    p.add_argument("--recipe", default="w8a8", choices=["w8a8", "w4a8", "w4a4"])
+    p.add_argument("--recipe", default="w8a8", choices=RECIPES)
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--calib-samples", type=int, default=64)
@@ -227,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="calibrate a diffusers U-Net and write a metadata file")
     p.add_argument("--model", required=True, help="diffusers folder, or a shipped reference name (mnist)")
-    p.add_argument("--recipe", default="w8a8", choices=["w8a8", "w4a8", "w4a4"])
+    p.add_argument("--recipe", default="w8a8", choices=RECIPES)
     p.add_argument("--out", required=True, help="metadata file to write (e.g. model.w8a8.qdiff)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=50, help="sampling steps of the calibration trajectory")
@@ -237,9 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("sample", help="sample with a quantized, compiled U-Net")
+    p = sub.add_parser("sample", help="sample with a quantized, compiled U-Net (per-step precision and PTQD "
+                                      "corrections when the metadata has them)")
     p.add_argument("--model", required=True)
-    p.add_argument("--metadata", required=True)
+    p.add_argument("--metadata", default=None, help="calibration file to use")
+    p.add_argument("--recipe", default=None, choices=RECIPES, help="calibrate with this recipe first (instead of "
+                   "--metadata); mixed/ptqd print the per-step precision plan")
+    p.add_argument("--calib-samples", type=int, default=32, help="with --recipe: calibration trajectories")
+    p.add_argument("--save-metadata", default=None, help="with --recipe: also write the calibration file")
+    p.add_argument("--scheduler", default="model", choices=["model", "ddim"], help="the model's scheduler, or DDIM")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (> 0: stochastic, PTQD's variance calibration applies)")
+    p.add_argument("--no-correction", action="store_true", help="skip the PTQD corrections the metadata allows")
     p.add_argument("--out", default=None, help="PNG grid to write")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)

@@ -550,6 +550,10 @@ class EvalConfig:
     overrides: tuple[tuple[str, Any], ...] = ()
     expect_method: Optional[str] = None   # "rtn" or "not rtn" (reconstruction)
     expect_split: Optional[bool] = None
+    # PTQD rows: which corrections the sampler applies (k, bias, VSC) and whether it follows
+    # the mixed-precision plan; rows with the same recipe share one calibration
+    corrections: Optional[tuple[bool, bool, bool]] = None
+    mixed: Optional[bool] = None
 
     def recipe(self, extra: Optional[dict[str, Any]] = None):
         """Build the recipe; raise :class:`NotAvailable` saying why when this qdcompile cannot."""
@@ -592,7 +596,17 @@ CONFIGS: dict[str, EvalConfig] = {c.key: c for c in (
                expect_split=False),
     EvalConfig("w4a8-qdiff-split", "W4A8 (Q-Diffusion + split)", "w4a8", (), expect_method="reconstruction",
                expect_split=True),
+    EvalConfig("ptqd-raw", "W4A8 Q-Diffusion, PTQD calibration, uncorrected", "ptqd", corrections=(False, False, False)),
+    EvalConfig("ptqd-k", "  + correlated-noise correction", "ptqd", corrections=(True, False, False)),
+    EvalConfig("ptqd-k-bc", "  + bias correction", "ptqd", corrections=(True, True, False)),
+    EvalConfig("ptqd", "  + variance schedule calibration (PTQD)", "ptqd", corrections=(True, True, True)),
+    EvalConfig("w4a4-qdiff", "W4A4 (Q-Diffusion, all steps)", "w4a4",
+               (("method", "qdiffusion"), ("weight_observer", "mse"), ("split", True)), expect_method="reconstruction"),
+    EvalConfig("mixed-raw", "W4A4/A8 mixed precision, uncorrected", "mixed", corrections=(False, False, False),
+               mixed=True),
+    EvalConfig("mixed", "W4A4/A8 mixed precision + PTQD", "mixed", corrections=(True, True, True), mixed=True),
 )}
+DEFAULT_CONFIGS = ("fp", "w8a8", "w4a8-rtn", "w4a8-qdiff", "w4a8-qdiff-split")
 
 
 @contextlib.contextmanager
@@ -622,7 +636,7 @@ def quantized_model(unet: torch.nn.Module, meta, backend: str = "qdiff") -> Iter
 @dataclass
 class EvalOptions:
     model: str = "mnist"
-    configs: tuple[str, ...] = tuple(CONFIGS)
+    configs: tuple[str, ...] = DEFAULT_CONFIGS
     num_samples: int = 64
     steps: int = 50
     calib_samples: int = 64
@@ -806,14 +820,15 @@ class _Run:
     log: Callable[[str], None]
     fp: Optional[torch.Tensor] = None
     fp_s: float = 0.0
+    calibrated: dict[str, Any] = dataclasses.field(default_factory=dict)   # recipe JSON → (metadata, seconds)
     trajectory: Optional[Trajectory] = None
     classifier: Optional[torch.nn.Module] = None   # digit confidence, loaded once per run
 
-    def sample(self, model, callback=None) -> torch.Tensor:
+    def sample(self, model, callback=None, scheduler=None) -> torch.Tensor:
         from .sampling import sample
 
         o = self.opts
-        return sample(model, self.scheduler, num_images=o.num_samples, num_inference_steps=o.steps,
+        return sample(model, scheduler or self.scheduler, num_images=o.num_samples, num_inference_steps=o.steps,
                       generator=torch.Generator().manual_seed(o.seed), batch_size=o.batch_size,
                       sample_kwargs=self.sample_kwargs, progress=o.progress, callback=callback,
                       to_image=self.pixel_space).float().cpu()
@@ -832,27 +847,48 @@ class _Run:
         self.image_metrics(row, None)
         self.log(f"  {row['label']}: sampled in {self.fp_s:.1f}s")
 
-    def quantized_row(self, row: dict[str, Any], cfg: EvalConfig, recipe) -> None:
+    def calibrate(self, cfg: EvalConfig, recipe):
+        """The metadata of ``recipe`` (calibrated once per run) and the seconds it took."""
         from .calibration import calibrate
 
+        key = recipe.to_json()
+        if key in self.calibrated:
+            return self.calibrated[key]
         o = self.opts
         kept = f", {o.calib_steps} kept" if o.calib_steps else ""
-        self.log(f"  {cfg.label}: calibrating ({o.calib_samples} samples x {o.steps} steps{kept}, method "
-                 f"{getattr(recipe, 'method', 'rtn')})")
+        self.log(f"  {cfg.label.strip()}: calibrating {recipe.name} ({o.calib_samples} samples x {o.steps} steps{kept}, "
+                 f"method {getattr(recipe, 'method', 'rtn')})")
         calib_model = copy.deepcopy(self.base)
         t0 = time.perf_counter()
         meta = calibrate(calib_model, self.scheduler, recipe, num_samples=o.calib_samples,
                          num_inference_steps=o.steps, num_calib_steps=o.calib_steps,
                          sample_kwargs=self.sample_kwargs, seed=o.seed + 1, progress=o.progress, attach=False)
-        row["calibration_s"] = time.perf_counter() - t0
-        del calib_model
+        self.calibrated[key] = (meta, time.perf_counter() - t0)
+        return self.calibrated[key]
+
+    def quantized_row(self, row: dict[str, Any], cfg: EvalConfig, recipe) -> None:
+        o = self.opts
+        meta, row["calibration_s"] = self.calibrate(cfg, recipe)
         row["layers_quantized"], row["layers_float"] = len(meta.layers), len(meta.fallbacks)
-        with quantized_model(self.base, meta, o.backend) as qm:
+        ptqd = cfg.corrections is not None or bool(cfg.mixed)
+        with (contextlib.nullcontext(copy.deepcopy(self.base)) if ptqd else
+              quantized_model(self.base, meta, o.backend)) as qm:
+            scheduler = self.scheduler
+            if ptqd:   # the quantized sampler: per-step precision, corrections (it compiles / simulates itself)
+                from .pipeline import Corrections, QuantizedUNet
+
+                qm = QuantizedUNet(qm, meta, backend=o.backend, corrections=Corrections(*(cfg.corrections or
+                                                                                        (False,) * 3)),
+                                   mixed=bool(cfg.mixed))
+                scheduler = qm.wrap_scheduler(self.scheduler)
+                plan = qm.plan(self.scheduler, o.steps)
+                row["precision_plan"] = [[r["step"], r["timestep"], r["act_bits"]] for r in plan]
+                row["corrections"] = qm.corrections.label()
             t0 = time.perf_counter()
             snr = step_snr(self.trajectory, qm, self.scheduler)
             row["snr_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            samples = self.sample(qm)
+            samples = self.sample(qm, scheduler=scheduler)
             row["sampling_s"] = time.perf_counter() - t0
         self.results["_samples"][cfg.key] = samples
         self.results["_snr"][cfg.key] = snr
@@ -860,9 +896,9 @@ class _Run:
         row.update(summarize_snr(snr))
         row["snr_steps"] = [s.to_dict() for s in snr]
         self.image_metrics(row, samples)
-        self.log(f"  {cfg.label}: calibrated in {row['calibration_s']:.1f}s, SNR_Q mean {row['mean_snr_q_db']:.1f} dB "
-                 f"(min {row['min_snr_q_db']:.1f} dB at step {row['min_snr_q_step']}), sampled in "
-                 f"{row['sampling_s']:.1f}s")
+        self.log(f"  {cfg.label.strip()}: calibrated in {row['calibration_s']:.1f}s, SNR_Q mean "
+                 f"{row['mean_snr_q_db']:.1f} dB (min {row['min_snr_q_db']:.1f} dB at step {row['min_snr_q_step']}), "
+                 f"sampled in {row['sampling_s']:.1f}s")
 
     def image_metrics(self, row: dict[str, Any], samples: Optional[torch.Tensor]) -> None:
         """FID/KID (if planned), PSNR against FP (quantized rows) and the digit classifier's confidence."""
@@ -946,6 +982,17 @@ def _notes(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_plan_runs(plan: Sequence[Sequence[int]]) -> str:
+    """``[[step, timestep, bits], ...]`` as runs: ``steps 0-34 (t 980-300) A4; steps 35-49 (t 280-0) A8``."""
+    runs: list[list] = []
+    for step, t, bits in plan:
+        if runs and runs[-1][4] == bits:
+            runs[-1][1], runs[-1][3] = step, t
+        else:
+            runs.append([step, step, t, t, bits])
+    return "; ".join(f"steps {a}-{b} (t {ta}-{tb}) A{bits}" for a, b, ta, tb, bits in runs)
+
+
 def _markdown(results: dict[str, Any]) -> str:
     o = results["options"]
     headers = [h for h, _ in _COLUMNS]
@@ -961,6 +1008,11 @@ def _markdown(results: dict[str, Any]) -> str:
     for r in _rows(results):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
     lines += ["", _notes(results).replace("\n", "\n\n")]
+    plans = [(r["label"].strip(), r["precision_plan"], r.get("corrections")) for r in results["configs"]
+             if r.get("precision_plan")]
+    if plans:
+        lines += ["", "PTQD rows (corrections applied by the quantized sampler; per-step precision):", ""]
+        lines += [f"* {label} — corrections {corr}: {format_plan_runs(plan)}" for label, plan, corr in plans]
     recipes = [(r["label"], r["recipe"]) for r in results["configs"] if r.get("recipe")]
     if recipes:
         lines += ["", "Recipes:", ""] + [f"* {label}: `{json.dumps(rec, sort_keys=True)}`" for label, rec in recipes]
