@@ -61,3 +61,22 @@ def test_conditional_model_needs_prompt_embeds(tmp_path, capsys):
     torch.save(torch.randn(1, 5, 24), emb)
     assert main(["calibrate", "--model", str(root), "--out", str(tmp_path / "c.qdiff"), "--prompt-embeds", str(emb),
                  "--num-samples", "2", "--steps", "3", "--quiet"]) == 0
+
+
+def test_sample_with_mixed_metadata_prints_the_plan(model_dir, tmp_path, capsys):
+    from qdcompile import QuantRecipe, calibrate
+
+    meta = calibrate(tiny_unet2d(seed=5), scheduler(), QuantRecipe.mixed(recon_iters=4, act_lsq_iters=2, noise_samples=2),
+                     num_samples=2, num_inference_steps=4, progress=False, attach=False)
+    path = meta.save(tmp_path / "tiny.mixed.qdiff")
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--num-images", "2", "--steps", "4",
+                 "--scheduler", "ddim", "--eta", "0.5", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "precision plan (mixed, corrections k+bias+VSC)" in out
+    used = {b for _, b in meta.precision_plan}
+    assert all(f"A{b}: " in out for b in used) and "correlated-noise k" in out
+    # both ways to give the quantization, or eta without DDIM: clear errors
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--recipe", "mixed", "--quiet"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--eta", "0.5", "--quiet"]) == 2
+    assert "--scheduler ddim" in capsys.readouterr().err
