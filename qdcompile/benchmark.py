@@ -963,11 +963,6 @@ def _calib_kwargs(unet, n: int, device, dtype) -> dict[str, Any] | None:
     return kw or None
 
 
-def _mixed_reason() -> str:
-    return ("PTQD step-aware mixed precision (per-step activation bits, W4A4/W4A8) needs the "
-            "mixed-precision sampler, which does not exist yet")
-
-
 def _torchao_config():
     import torchao  # noqa: F401
     from torchao import quantization as q
@@ -998,9 +993,6 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
     row: dict[str, Any] = {"scenario": scn.tag, "model": scn.model, "batch": scn.batch, "contender": cid,
                            "label": _contender_label(cid, dtype), "dtype": str(dtype).replace("torch.", ""),
                            "status": "ok"}
-    if cid == "qdiff-mixed":
-        row.update(status="unavailable", reason=_mixed_reason())
-        return row
     if cid == "torchao-int8":
         try:
             _torchao_config()
@@ -1055,6 +1047,8 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
             from .passes.backend import qdiff_backend
 
             recipe = speed_recipe(cid.split("-", 1)[1])
+            if recipe.noise_correction:   # PTQD statistics on as many trajectories as the calibration
+                recipe = dataclasses.replace(recipe, noise_samples=args.calib_samples)
             row["recipe"] = recipe.to_dict()
             t0 = time.perf_counter()
             meta = qdcompile.calibrate(unet, sched, recipe, num_samples=args.calib_samples,
@@ -1067,6 +1061,20 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
                                   "preset's layer choices (keep_8bit, split) are kept, so the same kernels run as with "
                                   "a full calibration: speed does not depend on calibration quality, the SNR does")
             fn = torch.compile(unet, backend=qdiff_backend, dynamic=False)
+        mixed = None
+        if cid == "qdiff-mixed":
+            # the PTQD sampler: per-step activation precision + corrections; time each precision's
+            # step and weight them by the plan (a median over a two-speed sequence would be meaningless)
+            from .pipeline import QuantizedUNet
+
+            mixed = QuantizedUNet(fn, meta, backend="qdiff")
+            plan = mixed.plan(sched, args.calib_steps)
+            mixed_t = {}
+            for r in plan:
+                mixed_t.setdefault(r["act_bits"], torch.full_like(t, r["timestep"]))
+            row["precision_plan"] = {f"A{b}": sum(r["act_bits"] == b for r in plan) for b in mixed_t}
+            fn = mixed
+            t = mixed_t[max(mixed_t, key=lambda b: row["precision_plan"][f"A{b}"])]   # the commonest step
         call = lambda: fn(x, t, **kw)  # noqa: E731
 
         with torch.no_grad():
@@ -1113,6 +1121,14 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
             if len(runs) > 1:
                 meds = [r["median_s"] for r in runs]
                 row["pass_spread_pct"] = 100 * (max(meds) - min(meds)) / min(meds)
+            if mixed is not None:
+                by_bits = {b: _time_calls(lambda tb=tb: fn(x, tb, **kw), device, args.warmup, args.repeats,
+                                          args.rep_ms)["median_s"] for b, tb in mixed_t.items()}
+                counts = row["precision_plan"]
+                row["step_s_by_precision"] = {f"A{b}": v for b, v in by_bits.items()}
+                row["step_s"] = sum(v * counts[f"A{b}"] for b, v in by_bits.items()) / sum(counts.values())
+                row["mixed_note"] = (f"step_s = plan-weighted mean of the per-precision step medians over "
+                                     f"{args.calib_steps} steps ({counts})")
 
             if args.cuda_graphs and device.startswith("cuda"):
                 try:
@@ -1132,12 +1148,13 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
                 # the sampler makes contiguous latents: hand them over in the timed layout, so that
                 # a compiled model is not recompiled (Dynamo guards on strides) for sampling
                 sampler_model = _LayoutAdapter(unet, fn, channels_last)
+                e2e_sched = mixed.wrap_scheduler(sched) if mixed is not None else sched
                 gen_times = []
                 for i in range(args.e2e_repeats + 1):
                     g = torch.Generator().manual_seed(args.seed)
                     _sync(device)
                     t0 = time.perf_counter()
-                    qdcompile.sample(sampler_model, sched, num_images=scn.batch, num_inference_steps=args.e2e_steps,
+                    qdcompile.sample(sampler_model, e2e_sched, num_images=scn.batch, num_inference_steps=args.e2e_steps,
                                      generator=g, sample_kwargs=kw, progress=False, to_image=False)
                     _sync(device)
                     if i:  # the first run warms up the scheduler path
@@ -1462,7 +1479,8 @@ def _notes(cuda: bool) -> list[str]:
          "a smoke signal for broken kernels, not a quality number)",
          "floor ms: float MACs at the measured fp16 matmul rate + quantized MACs at the measured int8 rate "
          "(attention matmuls float); memory traffic ignored",
-         "qdiff mixed precision: stubbed until the PTQD step-aware sampler exists"]
+         "qdiff mixed precision: PTQD sampler (W4A4/A8 per step + corrections), plan from a cheap RTN "
+         "calibration; its step time is the plan-weighted mean of the per-precision steps"]
     if not cuda:
         n.insert(0, "CPU run: CPU timings say nothing about GPU speed")
     return n

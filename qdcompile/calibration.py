@@ -394,6 +394,8 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
         recipe=recipe, model=model_identity(base), layers=records, fallbacks=fallbacks,
         calibration={**facts, "calib_step_indices": sorted(set(calib.step_indices)), "calib_set_size": len(calib),
                      "split_layers": {n: list(c) for n, c in splits.items()},
+                     # observed input range per part of each split layer (the concat's range spans them all)
+                     "split_ranges": {n: [list(r) for r in ranges[n]] for n in splits if n in ranges},
                      **({"reconstruction": recon_stats} if recipe.method == "qdiffusion" else {})})
     if recipe.noise_correction or recipe.act_bits_mixed:
         from .ptqd import calibrate_noise

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["data_dir", "load_mnist"]
+__all__ = ["data_dir", "load_mnist", "load_cifar10"]
 
 _ENV_VAR = "QDCOMPILE_DATA_DIR"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +75,29 @@ def load_mnist(split: str = "t10k") -> tuple[torch.Tensor, torch.Tensor]:
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_cifar10(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from ``data_dir()/cifar10`` as uint8 ``[N, 3, 32, 32]`` and int64 labels.
+
+    * ``"train"``: the lossless prefix of the training batches (5,085 images) plus the JPEG
+      (quality 75) test images 1017–9999 — what the reference DDPM is trained on;
+    * ``"heldout"``: the first 1,017 test images, lossless, never trained on (FID/KID's real set).
+    """
+    root = data_dir() / "cifar10"
+    lossless, jpeg = root / "train_prefix_lossless.npz", root / "test_jpeg_q75.npz"
+    for f in (lossless, jpeg):
+        if not f.is_file():
+            raise FileNotFoundError(f"CIFAR-10 file not found: {f}")
+    with np.load(lossless) as d:
+        x_train, y_train, x_test, y_test = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+    if split == "heldout":
+        x, y = x_test, y_test
+    elif split == "train":
+        with np.load(jpeg) as d:
+            start = x_test.shape[0]
+            x = np.concatenate([x_train, d["x"][start:]])
+            y = np.concatenate([y_train, d["y"][start:]])
+    else:
+        raise ValueError(f"CIFAR-10 split must be 'train' or 'heldout', got {split!r}")
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64))

@@ -73,6 +73,10 @@ INCEPTION_FEATURES = "inception-v3-compat"
 FID_NOTE = ("FID/KID here use the features of the project's MNIST classifier (128-d), not Inception-v3: "
             "they rank the configurations against each other and are NOT comparable to published FIDs.")
 INCEPTION_NOTE = "FID/KID use Inception-v3 (inception-v3-compat) features from the weights given."
+CIFAR_FEATURES = "cifar10-resnet56"
+CIFAR_NOTE = ("FID/KID here use the 64-d pooled features of the shared CIFAR-10 ResNet-56 classifier, not "
+              "Inception-v3, against 1017 held-out CIFAR-10 test images: they rank the configurations against "
+              "each other and are NOT comparable to published FIDs.")
 
 # The real-image subset is drawn with its own fixed seed, so that runs with different --seed
 # values compare against the same real images.
@@ -436,8 +440,11 @@ class FeatureSpace:
     def __init__(self, real: torch.Tensor, *, extractor: str = "mnist", backend: str = "torch-fidelity",
                  inception_weights: Optional[str] = None, classifier_weights: Optional[str] = None,
                  device: str = "cpu", kid_subsets: int = 100, seed: int = 2020, batch_size: int = 256):
-        if extractor not in ("mnist", "inception"):
-            raise ValueError(f"extractor must be 'mnist' or 'inception', got {extractor!r}")
+        if extractor not in ("mnist", "inception", "cifar10"):
+            raise ValueError(f"extractor must be 'mnist', 'cifar10' or 'inception', got {extractor!r}")
+        if extractor == "cifar10" and backend != "builtin":
+            raise ValueError("the CIFAR-10 ResNet-56 features run with --fid-backend builtin (they are not "
+                             "registered with torch-fidelity)")
         if backend not in ("torch-fidelity", "builtin"):
             raise ValueError(f"backend must be 'torch-fidelity' or 'builtin', got {backend!r}")
         if extractor == "inception":
@@ -458,6 +465,12 @@ class FeatureSpace:
             _import_torch_fidelity()
             self.name = register_mnist_feature_extractor() if extractor == "mnist" else INCEPTION_FEATURES
             self._cache_dir = tempfile.TemporaryDirectory(prefix="qdcompile-fidelity-")
+        elif extractor == "cifar10":
+            from .cifar_features import load_resnet56
+
+            self.name = CIFAR_FEATURES
+            self._classifier = load_resnet56(classifier_weights, device=device)
+            self._real_features = self._builtin_features(self.real)
         else:
             from .classifier import load_mnist_classifier
 
@@ -467,19 +480,30 @@ class FeatureSpace:
 
     @property
     def note(self) -> str:
-        return FID_NOTE if self.extractor == "mnist" else INCEPTION_NOTE
+        return {"mnist": FID_NOTE, "cifar10": CIFAR_NOTE}.get(self.extractor, INCEPTION_NOTE)
 
     def describe(self) -> dict[str, Any]:
         from .classifier import DEFAULT_CLASSIFIER_PATH
 
-        weights = self.inception_weights if self.extractor == "inception" else (
-            self.classifier_weights or DEFAULT_CLASSIFIER_PATH)
+        if self.extractor == "cifar10":
+            from .cifar_features import default_weights_path
+
+            default = default_weights_path()
+        else:
+            default = DEFAULT_CLASSIFIER_PATH
+        weights = self.inception_weights if self.extractor == "inception" else (self.classifier_weights or default)
         return {"feature_extractor": self.name, "backend": self.backend, "weights": str(weights),
                 "weights_sha256": _sha256(weights), "real_images": self.real.shape[0],
                 "kid_subsets": self.kid_subsets, "kid_seed": self.seed, "note": self.note}
 
     def _builtin_features(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_mnist_features(self._classifier, images_uint8[i:i + self.batch_size], ("features",))[0].cpu()
+        def feats(x):
+            if self.extractor == "cifar10":
+                with torch.no_grad():
+                    return self._classifier.features(x.to(self.device).float() / 255.0).double().cpu()
+            return _mnist_features(self._classifier, x, ("features",))[0].cpu()
+
+        return torch.cat([feats(images_uint8[i:i + self.batch_size])
                           for i in range(0, images_uint8.shape[0], self.batch_size)])
 
     def kid_subset_size(self, num_generated: int) -> int:
@@ -535,6 +559,17 @@ def real_mnist_images(n: int = 10000, seed: int = REAL_SUBSET_SEED) -> torch.Ten
         raise ValueError(f"real-image count must be in [2, {images.shape[0]}], got {n}")
     idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
     return images[idx].unsqueeze(1).float().div(255.0)
+
+
+def real_cifar10_images() -> Optional[torch.Tensor]:
+    """The 1017 held-out CIFAR-10 test images (lossless, never trained on) as floats in [0, 1]."""
+    from .data import load_cifar10
+
+    try:
+        images, _ = load_cifar10("heldout")
+    except FileNotFoundError:
+        return None
+    return images.float().div(255.0)
 
 
 # ============================================================================ configurations
@@ -697,9 +732,12 @@ def _fid_plan(opts: EvalOptions, image_shape: tuple[int, int, int], pixel_space:
         if image_shape[0] not in (1, 3):
             return None, f"FID/KID skipped: images have {image_shape[0]} channels"
         return "inception", INCEPTION_NOTE
+    if image_shape == (3, 32, 32):
+        return "cifar10", CIFAR_NOTE
     if image_shape != (1, 28, 28):
-        return None, (f"FID/KID skipped: images are {'x'.join(map(str, image_shape))}; the offline MNIST-classifier "
-                      "features and the real MNIST set fit 1x28x28 images (pass --inception-weights for others)")
+        return None, (f"FID/KID skipped: images are {'x'.join(map(str, image_shape))}; the offline features fit "
+                      "1x28x28 (MNIST classifier) and 3x32x32 (CIFAR-10 ResNet-56) images (pass --inception-weights "
+                      "for others)")
     return "mnist", FID_NOTE
 
 
@@ -752,11 +790,13 @@ def run_quality(opts: EvalOptions, unet=None, scheduler=None, log: Callable[[str
     extractor, fid_note = _fid_plan(opts, shape, pixel_space)
     space = None
     if extractor is not None:
-        real = real_mnist_images(opts.real_samples) if shape == (1, 28, 28) else None
+        real = (real_mnist_images(opts.real_samples) if shape == (1, 28, 28) else
+                real_cifar10_images() if extractor == "cifar10" else None)
         if real is None:
-            extractor, fid_note = None, "FID/KID skipped: no real image set for these images (only MNIST ships)"
+            extractor, fid_note = None, "FID/KID skipped: no real image set for these images (MNIST and CIFAR-10 ship)"
         else:
-            space = FeatureSpace(real, extractor=extractor, backend=opts.fid_backend,
+            space = FeatureSpace(real, extractor=extractor,
+                                 backend="builtin" if extractor == "cifar10" else opts.fid_backend,
                                  inception_weights=opts.inception_weights, device=device,
                                  kid_subsets=opts.kid_subsets, seed=2020)
     log(f"qdcompile eval: {opts.model}, {opts.num_samples} samples x {opts.steps} steps, seed {opts.seed}, "
@@ -870,6 +910,8 @@ class _Run:
         o = self.opts
         meta, row["calibration_s"] = self.calibrate(cfg, recipe)
         row["layers_quantized"], row["layers_float"] = len(meta.layers), len(meta.fallbacks)
+        if meta.calibration.get("split_ranges"):
+            row["split_ranges"] = meta.calibration["split_ranges"]
         ptqd = cfg.corrections is not None or bool(cfg.mixed)
         with (contextlib.nullcontext(copy.deepcopy(self.base)) if ptqd else
               quantized_model(self.base, meta, o.backend)) as qm:
@@ -972,8 +1014,10 @@ def _notes(results: dict[str, Any]) -> str:
     fid = results["fid"]
     lines = [f"Note: {fid['note']}"]
     if "feature_extractor" in fid:
+        real = ("held-out CIFAR-10 test images" if fid["feature_extractor"] == CIFAR_FEATURES else
+                f"MNIST test images (fixed subset, seed {REAL_SUBSET_SEED})")
         lines.append(f"FID/KID: {fid['feature_extractor']} features via {fid['backend']}, against {fid['real_images']} "
-                     f"MNIST test images (fixed subset, seed {REAL_SUBSET_SEED}); KID: {fid['kid_subsets']} subsets "
+                     f"{real}; KID: {fid['kid_subsets']} subsets "
                      f"of min(1000, samples) — with {o['num_samples']} samples FID is biased upwards: compare "
                      "rows, not runs with other sample counts.")
     lines.append(f"SNR_Q: PTQD eq. 13 on the inputs of {min(o['snr_samples'], o['num_samples'])} FP trajectories, "
@@ -1013,6 +1057,16 @@ def _markdown(results: dict[str, Any]) -> str:
     if plans:
         lines += ["", "PTQD rows (corrections applied by the quantized sampler; per-step precision):", ""]
         lines += [f"* {label} — corrections {corr}: {format_plan_runs(plan)}" for label, plan, corr in plans]
+    split = next((r for r in results["configs"] if r.get("split_ranges")), None)
+    if split:
+        lines += ["", f"Shortcut-split layers ({split['label'].strip()}): observed input range of each concat part "
+                  "(upsampled path | skip connection); one quantizer for the concat would span both:", ""]
+        for name, parts in split["split_ranges"].items():
+            (a_lo, a_hi), (b_lo, b_hi) = parts[0], parts[-1]
+            lo, hi = min(a_lo, b_lo), max(a_hi, b_hi)
+            share = [(p_hi - p_lo) / (hi - lo) if hi > lo else 1.0 for p_lo, p_hi in parts]
+            lines.append(f"* `{name}`: [{a_lo:.2f}, {a_hi:.2f}] | [{b_lo:.2f}, {b_hi:.2f}] — each part spans "
+                         + " and ".join(f"{v:.0%}" for v in share) + f" of the concat's [{lo:.2f}, {hi:.2f}]")
     recipes = [(r["label"], r["recipe"]) for r in results["configs"] if r.get("recipe")]
     if recipes:
         lines += ["", "Recipes:", ""] + [f"* {label}: `{json.dumps(rec, sort_keys=True)}`" for label, rec in recipes]

@@ -38,6 +38,7 @@ import copy
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -459,7 +460,14 @@ def reconstruct(unet: nn.Module, calib, records: dict[str, LayerQuant], recipe: 
             bar.set_postfix_str(unit.name)
             done = {n: records[n] for u in units[:k] for n in u.layers}
             generator = torch.Generator().manual_seed(seed * 100_003 + k)
+            cuda = p.device.type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(p.device)
+            t0 = time.perf_counter()
             new, unit_stats = _reconstruct_unit(base, calib, unit, records, done, recipe, generator, progress)
+            unit_stats["seconds"] = time.perf_counter() - t0   # capture + AdaRound + LSQ of this block
+            if cuda:
+                unit_stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(p.device) / 2 ** 20
             records.update(new)
             stats.append(unit_stats)
             logger.info("block %d/%d %s: %s", k + 1, len(units), unit.name,

@@ -78,6 +78,10 @@ MNIST_SCHEDULER_CONFIG: dict[str, Any] = dict(
     clip_sample=True,
 )
 
+# CIFAR-10 at 32x32, the MNIST architecture with three colour channels (~1.1M parameters):
+# small enough to train on one CPU core in about an hour, which is all it gets without a GPU.
+CIFAR10_UNET_CONFIG: dict[str, Any] = {**MNIST_UNET_CONFIG, "sample_size": 32, "in_channels": 3, "out_channels": 3}
+
 # name -> everything needed to build, train and load the model.
 REFERENCE_MODELS: dict[str, dict[str, Any]] = {
     "mnist": dict(
@@ -86,6 +90,13 @@ REFERENCE_MODELS: dict[str, dict[str, Any]] = {
         dataset="mnist",
         # Defaults used to produce the shipped weights (~30 min on one CPU core).
         train=dict(steps=1800, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995),
+    ),
+    "cifar10": dict(
+        unet=CIFAR10_UNET_CONFIG,
+        scheduler=MNIST_SCHEDULER_CONFIG,
+        dataset="cifar10",
+        # a CPU budget (~1 h on one core), far from converged: see training_info.json
+        train=dict(steps=1500, batch_size=48, lr=2e-3, warmup=100, ema_decay=0.995),
     ),
 }
 
@@ -157,6 +168,11 @@ def _load_training_images(dataset: str) -> torch.Tensor:
 
         images, _ = load_mnist("t10k")
         return images.unsqueeze(1).float().div_(127.5).sub_(1.0)
+    if dataset == "cifar10":
+        from .data import load_cifar10
+
+        images, _ = load_cifar10("train")
+        return images.float().div_(127.5).sub_(1.0)
     raise ValueError(f"no loader for dataset {dataset!r}")
 
 

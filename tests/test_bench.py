@@ -151,7 +151,11 @@ def test_latency_smoke_cpu_writes_json(tmp_path):
     assert q["step_s"] > 0 and q["e2e_s"] > 0 and q["weight_bytes"] < rows["fp-eager"]["weight_bytes"]
     assert q["layers"]["quantized"] > 0 and q["snr_db_vs_fp_eager"] > 10
     assert q["profile"]["per_step_ms"]["qdiff int GEMM/conv (Triton)"] > 0
-    assert rows["qdiff-mixed"]["status"] == "unavailable"
+    m = rows["qdiff-mixed"]
+    assert m["status"] == "ok", m
+    assert sum(m["precision_plan"].values()) > 0 and set(m["step_s_by_precision"]) == set(m["precision_plan"])
+    assert min(m["step_s_by_precision"].values()) <= m["step_s"] <= max(m["step_s_by_precision"].values())
+    assert m["e2e_s"] > 0 and m["graphs_compiled_after_first_call"] == 0
     assert rows["torchao-int8"]["status"] in ("unavailable", "skipped", "ok")
     assert path.with_suffix(".csv").exists() and (tmp_path / (path.stem + "-profile.txt")).exists()
     print(f"latency --smoke took {time.perf_counter() - t0:.1f}s")

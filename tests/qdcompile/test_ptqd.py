@@ -310,3 +310,32 @@ def test_mixed_recipe_validation():
         QuantRecipe.mixed(act_bits=4)
     with pytest.raises(ValueError, match="2 distinct widths"):
         QuantRecipe.mixed(act_bits_mixed=(8,))
+
+
+def test_conditional_unet_called_the_way_stable_diffusion_calls_it():
+    """StableDiffusionPipeline (needs transformers, not installed here) calls
+    ``unet(latents, t, encoder_hidden_states=..., timestep_cond=None, cross_attention_kwargs=None,
+    added_cond_kwargs=None, return_dict=False)[0]`` and inspects ``scheduler.step`` for
+    ``eta``/``generator``; the quantized sampler keeps both contracts."""
+    import inspect
+
+    from diffusers import DDIMScheduler
+
+    from tests.tiny_models import scheduler, tiny_unet2d_condition
+
+    unet = tiny_unet2d_condition(seed=2)
+    emb = torch.randn(1, 5, 24)
+    meta = calibrate(unet, scheduler(), QuantRecipe.ptqd(**_FAST), num_samples=2, num_inference_steps=4,
+                     sample_kwargs={"encoder_hidden_states": emb}, progress=False, attach=False)
+    q = QuantizedUNet(unet, meta, backend="simulate")
+    raw = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
+    kw = dict(encoder_hidden_states=emb.expand(2, -1, -1), timestep_cond=None, cross_attention_kwargs=None,
+              added_cond_kwargs=None, return_dict=False)
+    with torch.no_grad():
+        out, ref = q(x, t, **kw), raw(x, t, **kw)
+    assert isinstance(out, tuple) and out[0].shape == x.shape
+    a, b = meta.noise_at(None, 500).affine()
+    assert torch.allclose(out[0], a.float().view(1, -1, 1, 1) * ref[0] + b.float().view(1, -1, 1, 1), atol=1e-6)
+    params = inspect.signature(q.wrap_scheduler(DDIMScheduler()).step).parameters
+    assert "eta" in params and "generator" in params
