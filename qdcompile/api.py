@@ -124,4 +124,8 @@ def report(model: torch.nn.Module) -> Report:
             note = "call the compiled model once" if compiled else "compile with torch.compile(model, backend='qdiff')"
             rows.append(LayerRow(name, op, bits, "not compiled yet", note))
     recipe = meta.recipe.name if meta else "none"
-    return Report(rows, f"qdcompile report: {type(base).__name__}, recipe {recipe}")
+    title = f"qdcompile report: {type(base).__name__}, recipe {recipe}"
+    if meta is not None and len(meta.precisions) > 1:
+        title += (f" (activation precision per step: {'/'.join(f'A{b}' for b in sorted(meta.precisions))}; bits "
+                  f"below are A{meta.default_act_bits}'s)")
+    return Report(rows, title)

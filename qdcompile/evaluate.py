@@ -925,6 +925,7 @@ class _Run:
                 scheduler = qm.wrap_scheduler(self.scheduler)
                 plan = qm.plan(self.scheduler, o.steps)
                 row["precision_plan"] = [[r["step"], r["timestep"], r["act_bits"]] for r in plan]
+                row["ptqd_steps"] = [{k: _json_number(v) for k, v in r.items()} for r in plan]   # k, bias, σ_q², σ'²
                 row["corrections"] = qm.corrections.label()
             t0 = time.perf_counter()
             snr = step_snr(self.trajectory, qm, self.scheduler)

@@ -119,7 +119,10 @@ class QuantizedUNet(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_base"], name)
+            base = self.__dict__.get("_base")
+            if base is None:
+                raise
+            return getattr(base, name)
 
     # ------------------------------------------------------------------ per step
     def bits_at(self, timestep: int) -> Optional[int]:

@@ -134,6 +134,9 @@ def test_qdiffusion_split_calibration_round_trips_and_compiles_to_the_simulation
     baseline = calibrate(unet, scheduler(), QuantRecipe.w4a8(method="rtn", split=False), **kwargs)
     assert len(meta.calibration["reconstruction"]) > 10
     assert sum(r.split is not None for r in meta.layers.values()) == 4
+    ranges = meta.calibration["split_ranges"]   # observed per concat part, for the report
+    assert set(ranges) == {n for n, r in meta.layers.items() if r.split}
+    assert all(len(parts) == 2 and all(lo < hi for lo, hi in parts) for parts in ranges.values())
 
     back = load_metadata(meta.save(tmp_path / "tiny.w4a8.qdiff"))
     assert back.recipe == meta.recipe and back.calibration == meta.calibration
