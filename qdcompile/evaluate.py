@@ -1027,17 +1027,6 @@ def _notes(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_plan_runs(plan: Sequence[Sequence[int]]) -> str:
-    """``[[step, timestep, bits], ...]`` as runs: ``steps 0-34 (t 980-300) A4; steps 35-49 (t 280-0) A8``."""
-    runs: list[list] = []
-    for step, t, bits in plan:
-        if runs and runs[-1][4] == bits:
-            runs[-1][1], runs[-1][3] = step, t
-        else:
-            runs.append([step, step, t, t, bits])
-    return "; ".join(f"steps {a}-{b} (t {ta}-{tb}) A{bits}" for a, b, ta, tb, bits in runs)
-
-
 def _markdown(results: dict[str, Any]) -> str:
     o = results["options"]
     headers = [h for h, _ in _COLUMNS]
@@ -1057,6 +1046,8 @@ def _markdown(results: dict[str, Any]) -> str:
              if r.get("precision_plan")]
     if plans:
         lines += ["", "PTQD rows (corrections applied by the quantized sampler; per-step precision):", ""]
+        from .pipeline import format_plan_runs
+
         lines += [f"* {label} — corrections {corr}: {format_plan_runs(plan)}" for label, plan, corr in plans]
     split = next((r for r in results["configs"] if r.get("split_ranges")), None)
     if split:

@@ -21,7 +21,7 @@ import copy
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -202,16 +202,8 @@ class QuantizedUNet(nn.Module):
     def format_plan(self, scheduler, num_inference_steps: int, eta: float = 0.0) -> str:
         rows = self.plan(scheduler, num_inference_steps, eta)
         lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}, corrections {self.corrections.label()}):"]
-        runs: list[list] = []
-        for r in rows:
-            if runs and runs[-1][2] == r["act_bits"]:
-                runs[-1][1] = r
-            else:
-                runs.append([r, r, r["act_bits"]])
         w = self.meta.recipe.weight_bits
-        for first, last, bits in runs:
-            lines.append(f"  steps {first['step']:>3}-{last['step']:<3} (t {first['timestep']:>4} -> {last['timestep']:>4}): "
-                         f"W{w}A{bits}")
+        lines.append(f"  W{w}: " + format_plan_runs([(r["step"], r["timestep"], r["act_bits"]) for r in rows]))
         counts = {b: sum(r["act_bits"] == b for r in rows) for b in sorted({r["act_bits"] for r in rows})}
         lines.append("  " + ", ".join(f"A{b}: {n} steps" for b, n in counts.items()))
         if rows and "k" in rows[0]:
@@ -249,6 +241,17 @@ class QuantizedUNet(nn.Module):
         for t in seen.values():
             call_unet(self, x, torch.tensor(t, device=self.device), kw)
         self.trace.clear()
+
+
+def format_plan_runs(plan: Sequence[Sequence[int]]) -> str:
+    """``[[step, timestep, bits], ...]`` as runs: ``steps 0-34 (t 980-300) A4; steps 35-49 (t 280-0) A8``."""
+    runs: list[list] = []
+    for step, t, bits in plan:
+        if runs and runs[-1][4] == bits:
+            runs[-1][1], runs[-1][3] = step, t
+        else:
+            runs.append([step, step, t, t, bits])
+    return "; ".join(f"steps {a}-{b} (t {ta}-{tb}) A{bits}" for a, b, ta, tb, bits in runs)
 
 
 def unwrap_scheduler(scheduler):
