@@ -111,11 +111,9 @@ def snr_q(eps: torch.Tensor, eps_q: torch.Tensor) -> float:
 
 def snr_f(scheduler, timestep) -> Optional[float]:
     """PTQD's ``SNR_F(t) = ᾱ_t / (1 − ᾱ_t)`` from ``scheduler.alphas_cumprod``; None without one."""
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        return None
-    a = float(alphas[int(timestep)])
-    return math.inf if a >= 1.0 else a / (1.0 - a)
+    from .ptqd import snr_f as forward_snr
+
+    return forward_snr(scheduler, timestep) if getattr(scheduler, "alphas_cumprod", None) is not None else None
 
 
 def _db(ratio: Optional[float], power: bool) -> Optional[float]:
