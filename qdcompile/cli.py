@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -85,6 +86,9 @@ def cmd_sample(args) -> int:
 
     if (args.metadata is None) == (args.recipe is None):
         raise ValueError("pass --metadata FILE (calibrated before) or --recipe NAME (calibrate now), not both")
+    if args.snr_margin is not None and args.recipe != "mixed":
+        raise ValueError("--snr-margin sets the mixed-precision rule at calibration: use it with --recipe mixed "
+                         "(a --metadata file keeps the plan it was calibrated with)")
     device = _device(args.device)
     dtype = _dtype(device)
     unet, scheduler = load_model(args.model, device=device, dtype=dtype)
@@ -99,6 +103,8 @@ def cmd_sample(args) -> int:
         meta = qdcompile.load_metadata(args.metadata)
     else:
         recipe = qdcompile.QuantRecipe.preset(args.recipe)
+        if args.snr_margin is not None:
+            recipe = dataclasses.replace(recipe, mixed_margin_db=args.snr_margin)
         print(f"calibrating {args.model} for {recipe.name} ({args.calib_samples} samples x {args.steps} steps)")
         meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.calib_samples,
                                    num_inference_steps=args.steps, seed=args.seed + 1, progress=not args.quiet,
@@ -274,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--metadata); mixed/ptqd print the per-step precision plan")
     p.add_argument("--calib-samples", type=int, default=32, help="with --recipe: calibration trajectories")
     p.add_argument("--save-metadata", default=None, help="with --recipe: also write the calibration file")
+    p.add_argument("--snr-margin", type=float, default=None, metavar="DB",
+                   help="with --recipe mixed: a step runs at the low width only if SNR_Q > SNR_F * 10^(DB/20) "
+                        "(default 0: PTQD's rule)")
     p.add_argument("--scheduler", default="model", choices=["model", "ddim"], help="the model's scheduler, or DDIM")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (> 0: stochastic, PTQD's variance calibration applies)")
     p.add_argument("--no-correction", action="store_true", help="skip the PTQD corrections the metadata allows")

@@ -17,7 +17,8 @@ Quantized noise prediction ``ε̂ = ε + Δε`` with ``Δε = k·ε + Δ'`` per 
   the equation is solved by bisection. Deterministic samplers (``σ_t = 0``) get ``k`` and
   the bias only.
 * Step-aware mixed precision (:func:`choose_bits`): per step the smallest activation bit
-  width with ``SNR_Q > SNR_F = ᾱ_t / (1 − ᾱ_t)``, else the largest.
+  width with ``SNR_Q > SNR_F = ᾱ_t / (1 − ᾱ_t)``, else the largest; ``recipe.mixed_margin_db``
+  raises the bar to ``SNR_Q > SNR_F · 10^(margin/20)``.
 """
 
 from __future__ import annotations
@@ -114,12 +115,25 @@ def snr_f(scheduler, timestep: int) -> float:
     return math.inf if a >= 1.0 else a / (1.0 - a)
 
 
-def choose_bits(snr_by_bits: dict[int, float], snr_forward: float) -> int:
-    """The smallest bit width whose ``SNR_Q`` exceeds ``SNR_F``, else the largest."""
+def choose_bits(snr_by_bits: dict[int, float], snr_forward: float, margin_db: float = 0.0) -> int:
+    """The smallest bit width whose ``SNR_Q`` exceeds ``SNR_F · 10^(margin_db/20)``, else the
+    largest (``margin_db = 0``: PTQD's rule ``SNR_Q > SNR_F``)."""
+    threshold = snr_forward * 10.0 ** (margin_db / 20.0)
     for bits in sorted(snr_by_bits):
-        if snr_by_bits[bits] > snr_forward:
+        if snr_by_bits[bits] > threshold:
             return bits
     return max(snr_by_bits)
+
+
+def plan_precisions(stats: dict[int, list[StepNoise]], scheduler, margin_db: float = 0.0) -> list[tuple[int, int]]:
+    """``(timestep, act bits)`` per step of ``stats`` (width → per-step statistics, all widths
+    measured on the same steps): :func:`choose_bits` with each width's ``SNR_Q`` there."""
+    widths = sorted(stats)
+    if not widths:
+        raise ValueError("no SNR_Q statistics to plan precisions from")
+    timesteps = [s.timestep for s in stats[widths[-1]]]
+    return [(t, choose_bits({b: nearest(stats[b], t).snr_q for b in widths}, snr_f(scheduler, t), margin_db))
+            for t in timesteps]
 
 
 # ============================================================================ variance schedule calibration
@@ -329,9 +343,7 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
         for b in others:
             meta.act_variants[b] = calibrate_activations(unet, calib, meta.layers, b, recipe, seed=seed, progress=progress)
         stats = noise_statistics(unet, meta, trajectory, channels, [None, *others], progress)
-        timesteps = [s.timestep for s in stats[recipe.act_bits]]
-        meta.precision_plan = [(t, choose_bits({b: nearest(stats[b], t).snr_q for b in stats}, snr_f(scheduler, t)))
-                               for t in timesteps]
+        meta.precision_plan = plan_precisions(stats, scheduler, recipe.mixed_margin_db)
         # 2. each width's activation quantizers re-calibrated on its own steps (weights shared)
         plan = dict(meta.precision_plan)
         for b in recipe.act_bits_mixed:

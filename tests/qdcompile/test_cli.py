@@ -80,3 +80,5 @@ def test_sample_with_mixed_metadata_prints_the_plan(model_dir, tmp_path, capsys)
     assert "not both" in capsys.readouterr().err
     assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--eta", "0.5", "--quiet"]) == 2
     assert "--scheduler ddim" in capsys.readouterr().err
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--snr-margin", "20", "--quiet"]) == 2
+    assert "--recipe mixed" in capsys.readouterr().err

@@ -62,6 +62,29 @@ def test_mixed_precision_picks_the_smallest_width_above_snr_f():
     assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=1.0) == 4
     assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=5.0) == 8
     assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=100.0) == 8     # none passes: the largest
+    # a margin in dB on the ratios as compared: 20 dB = a factor of 10
+    assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=0.29, margin_db=20.0) == 4
+    assert choose_bits({4: 3.0, 8: 30.0}, snr_forward=0.31, margin_db=20.0) == 8
+
+
+def test_margin_moves_the_switch_to_earlier_noisier_steps():
+    from diffusers import DDPMScheduler
+
+    from qdcompile.ptqd import StepNoise, plan_precisions, snr_f
+
+    s = DDPMScheduler(num_train_timesteps=1000)
+    s.set_timesteps(20)
+    gen = torch.Generator().manual_seed(3)
+    snr = {4: 2.0 + 8.0 * torch.rand(1, generator=gen).item(), 8: 40.0 + 40.0 * torch.rand(1, generator=gen).item()}
+    stats = {b: [StepNoise(int(t), 0.0, (0.0,), 0.1, v, v) for t in s.timesteps] for b, v in snr.items()}
+    plans = {m: plan_precisions(stats, s, m) for m in (0.0, 10.0, 30.0)}
+    for m, plan in plans.items():
+        assert [t for t, _ in plan] == [int(t) for t in s.timesteps]
+        expect = [4 if snr[4] > snr_f(s, t) * 10 ** (m / 20) else 8 for t, _ in plan]
+        assert [b for _, b in plan] == expect
+        assert expect == sorted(expect)   # A4 first (noisy steps), then A8
+    low = [sum(b == 4 for _, b in plans[m]) for m in (0.0, 10.0, 30.0)]
+    assert low[0] > low[1] > low[2] > 0
 
 
 # ---------------------------------------------------------------------------- c_t and VSC
@@ -310,10 +333,14 @@ def test_mixed_recipe_validation():
         QuantRecipe.mixed(act_bits=4)
     with pytest.raises(ValueError, match="2 distinct widths"):
         QuantRecipe.mixed(act_bits_mixed=(8,))
+    assert QuantRecipe.from_json(QuantRecipe.mixed(mixed_margin_db=20).to_json()).mixed_margin_db == 20.0
+    for bad in (float("inf"), "20", True):
+        with pytest.raises(ValueError, match="mixed_margin_db"):
+            QuantRecipe.mixed(mixed_margin_db=bad)
 
 
 def test_conditional_unet_called_the_way_stable_diffusion_calls_it():
-    """StableDiffusionPipeline (needs transformers, not installed here) calls
+    """StableDiffusionPipeline (run for real in test_sd_pipeline.py) calls
     ``unet(latents, t, encoder_hidden_states=..., timestep_cond=None, cross_attention_kwargs=None,
     added_cond_kwargs=None, return_dict=False)[0]`` and inspects ``scheduler.step`` for
     ``eta``/``generator``; the quantized sampler keeps both contracts."""
