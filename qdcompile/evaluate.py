@@ -427,6 +427,27 @@ def kernel_distance(f1: torch.Tensor, f2: torch.Tensor, subset_size: int, subset
     return float(t.mean()), float(t.std(unbiased=False))
 
 
+def paired_fid_delta(f1: torch.Tensor, f2: torch.Tensor, real: torch.Tensor, boots: int = 200,
+                     seed: int = 0) -> dict[str, Any]:
+    """``FID(f1) − FID(f2)`` against ``real`` with a paired bootstrap 95% interval.
+
+    Row ``i`` of both generated sets comes from the same seed (same initial noise), so one
+    resampled index set serves both: the interval shows whether a difference between two
+    configurations exceeds the noise of drawing ``N`` samples (the real set stays fixed).
+    """
+    if f1.shape != f2.shape:
+        raise ValueError(f"paired ΔFID needs sample sets of one shape, got {list(f1.shape)} and {list(f2.shape)}")
+    n = f1.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    deltas = []
+    for _ in range(boots):
+        idx = torch.randint(0, n, (n,), generator=gen)
+        deltas.append(frechet_distance(f1[idx], real) - frechet_distance(f2[idx], real))
+    d = torch.tensor(deltas, dtype=torch.float64)
+    lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"delta": frechet_distance(f1, real) - frechet_distance(f2, real), "ci95": [lo, hi], "boots": boots}
+
+
 class FeatureSpace:
     """Computes FID/KID of image sets against one real set, with the real features computed once.
 
@@ -503,6 +524,26 @@ class FeatureSpace:
 
         return torch.cat([feats(images_uint8[i:i + self.batch_size])
                           for i in range(0, images_uint8.shape[0], self.batch_size)])
+
+    def features(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """Features of ``images`` (floats in [0, 1]) with the builtin backend; None with torch-fidelity."""
+        return self._builtin_features(to_uint8(images)) if self.backend == "builtin" else None
+
+    def fid_deltas(self, rows: Sequence[dict[str, Any]], samples: dict[str, torch.Tensor]) -> None:
+        """Each quantized row gets ``fid_delta``: paired-bootstrap ΔFID vs FP and, for a row with
+        PTQD corrections, vs the uncorrected row of the same recipe and precision plan."""
+        if self.backend != "builtin" or "fp" not in samples:
+            return
+        feats = {k: self.features(v) for k, v in samples.items()}
+        for r in rows:
+            if r.get("status") != "ok" or r["key"] == "fp" or r["key"] not in feats:
+                continue
+            cfg = CONFIGS[r["key"]]
+            refs = ["fp"] + [c.key for c in CONFIGS.values()
+                             if cfg.corrections and any(cfg.corrections) and c.preset == cfg.preset
+                             and c.mixed == cfg.mixed and c.corrections == (False, False, False) and c.key in feats]
+            r["fid_delta"] = [{"vs": ref, **paired_fid_delta(feats[r["key"]], feats[ref], self._real_features)}
+                              for ref in refs]
 
     def kid_subset_size(self, num_generated: int) -> int:
         return min(1000, num_generated, self.real.shape[0])
@@ -837,6 +878,8 @@ def run_quality(opts: EvalOptions, unet=None, scheduler=None, log: Callable[[str
                 logger.exception("configuration %s failed", key)
                 row.update(status="failed", reason=f"{type(e).__name__}: {e}")
                 log(f"  {cfg.label}: FAILED: {type(e).__name__}: {e}")
+        if space is not None:
+            space.fid_deltas(results["configs"], results["_samples"])
     finally:
         if space is not None:
             space.close()
@@ -1047,6 +1090,12 @@ def _markdown(results: dict[str, Any]) -> str:
         from .pipeline import format_plan_runs
 
         lines += [f"* {label} — corrections {corr}: {format_plan_runs(plan)}" for label, plan, corr in plans]
+    deltas = [(r["label"].strip(), d) for r in results["configs"] for d in r.get("fid_delta", [])]
+    if deltas:
+        lines += ["", "ΔFID (paired bootstrap over the same-seed samples, 95% interval; an interval containing 0 "
+                  "means the difference is within the noise of this sample count):", ""]
+        lines += [f"* {label} − {d['vs']}: {d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+                  for label, d in deltas]
     split = next((r for r in results["configs"] if r.get("split_ranges")), None)
     if split:
         lines += ["", f"Shortcut-split layers ({split['label'].strip()}): observed input range of each concat part "

@@ -91,6 +91,23 @@ def test_frechet_distance_closed_forms():
     assert ev.frechet_distance(f, 2 * f) == pytest.approx(expected, rel=1e-8)
 
 
+def test_paired_fid_delta_interval():
+    g = torch.Generator().manual_seed(7)
+    mix = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    real = torch.randn(400, 5, generator=g, dtype=torch.float64) @ mix
+    a = torch.randn(120, 5, generator=g, dtype=torch.float64) @ mix
+    same = ev.paired_fid_delta(a, a.clone(), real, boots=50)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]
+    # a small perturbation of each sample: a difference within the sampling noise
+    near = ev.paired_fid_delta(a + 0.01 * torch.randn(a.shape, generator=g, dtype=torch.float64), a, real, boots=100)
+    assert near["ci95"][0] < near["delta"] < near["ci95"][1] and near["ci95"][0] <= 0 <= near["ci95"][1]
+    # a shifted set is clearly worse: the whole interval is above 0
+    far = ev.paired_fid_delta(a + 2.0, a, real, boots=100)
+    assert far["ci95"][0] > 0 and far["ci95"][0] < far["delta"] < far["ci95"][1]
+    with pytest.raises(ValueError, match="one shape"):
+        ev.paired_fid_delta(a, a[:10], real)
+
+
 def test_kernel_distance_matches_direct_mmd():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g) + 0.7
@@ -227,8 +244,28 @@ def test_eval_command_writes_table_json_and_pngs(model28, tmp_path, capsys):
     for k in ("w8a8", "w4a8-rtn"):
         assert len(rows[k]["snr_steps"]) == 2 and math.isfinite(rows[k]["psnr_vs_fp_db"])
     assert rows["w8a8"]["mean_snr_q_db"] > rows["w4a8-rtn"]["mean_snr_q_db"]   # 8-bit weights are closer to FP
+    for k in ("w8a8", "w4a8-rtn"):   # paired bootstrap ΔFID against FP
+        (d,) = rows[k]["fid_delta"]
+        assert d["vs"] == "fp" and d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+        assert d["delta"] == pytest.approx(rows[k]["fid"] - rows["fp"]["fid"], rel=1e-6)
     md = next(out.glob("quality-*.md")).read_text()
-    assert "| W8A8 (RTN) |" in md and "NOT comparable" in md
+    assert "| W8A8 (RTN) |" in md and "NOT comparable" in md and "W8A8 (RTN) − fp:" in md
+
+
+def test_eval_ptqd_rows_compare_with_their_uncorrected_row(model28, tmp_path, capsys):
+    _mnist_or_skip(10)
+    out = tmp_path / "out"
+    args = _parse(["eval", "--model", str(model28), "--configs", "fp,ptqd-raw,ptqd", "--num-samples", "6",
+                   "--steps", "3", "--calib-samples", "2", "--snr-samples", "2", "--real-samples", "100",
+                   "--kid-subsets", "3", "--fid-backend", "builtin", "--backend", "simulate", "--out", str(out),
+                   "--recipe-set", "recon_iters=4,act_lsq_iters=2,noise_samples=2", "--quiet"])
+    assert args.func(args) == 0
+    rows = {r["key"]: r for r in json.loads(next(out.glob("quality-*.json")).read_text())["configs"]}
+    assert [d["vs"] for d in rows["ptqd-raw"]["fid_delta"]] == ["fp"]
+    vs_fp, vs_raw = rows["ptqd"]["fid_delta"]
+    assert (vs_fp["vs"], vs_raw["vs"]) == ("fp", "ptqd-raw")
+    assert vs_raw["delta"] == pytest.approx(rows["ptqd"]["fid"] - rows["ptqd-raw"]["fid"], rel=1e-6, abs=1e-9)
+    assert "− ptqd-raw:" in next(out.glob("quality-*.md")).read_text()
 
 
 def test_eval_command_reports_unavailable_configs(model28, tmp_path, monkeypatch, capsys):
