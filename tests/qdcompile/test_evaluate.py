@@ -221,13 +221,18 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+def _small_eval(model, out, configs: str, samples: int, steps: int, extra=()):
+    """Parsed ``qdcompile eval`` arguments for a small builtin-FID, simulated run."""
+    return _parse(["eval", "--model", str(model), "--configs", configs, "--num-samples", str(samples),
+                   "--steps", str(steps), "--calib-samples", "2", "--snr-samples", "2", "--real-samples", "100",
+                   "--kid-subsets", "3", "--fid-backend", "builtin", "--backend", "simulate", "--out", str(out),
+                   *extra, "--quiet"])
+
+
 def test_eval_command_writes_table_json_and_pngs(model28, tmp_path, capsys):
     _mnist_or_skip(10)
     out = tmp_path / "out"
-    args = _parse(["eval", "--model", str(model28), "--configs", "fp,w8a8,w4a8-rtn", "--num-samples", "4",
-                   "--steps", "2", "--calib-samples", "2", "--snr-samples", "2", "--real-samples", "100",
-                   "--kid-subsets", "3", "--fid-backend", "builtin", "--backend", "simulate", "--out", str(out),
-                   "--quiet"])
+    args = _small_eval(model28, out, "fp,w8a8,w4a8-rtn", samples=4, steps=2)
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "not comparable to published fids" in printed.lower() and "W4A8 (RTN)" in printed
@@ -255,10 +260,8 @@ def test_eval_command_writes_table_json_and_pngs(model28, tmp_path, capsys):
 def test_eval_ptqd_rows_compare_with_their_uncorrected_row(model28, tmp_path, capsys):
     _mnist_or_skip(10)
     out = tmp_path / "out"
-    args = _parse(["eval", "--model", str(model28), "--configs", "fp,ptqd-raw,ptqd", "--num-samples", "6",
-                   "--steps", "3", "--calib-samples", "2", "--snr-samples", "2", "--real-samples", "100",
-                   "--kid-subsets", "3", "--fid-backend", "builtin", "--backend", "simulate", "--out", str(out),
-                   "--recipe-set", "recon_iters=4,act_lsq_iters=2,noise_samples=2", "--quiet"])
+    args = _small_eval(model28, out, "fp,ptqd-raw,ptqd", samples=6, steps=3,
+                       extra=("--recipe-set", "recon_iters=4,act_lsq_iters=2,noise_samples=2"))
     assert args.func(args) == 0
     rows = {r["key"]: r for r in json.loads(next(out.glob("quality-*.json")).read_text())["configs"]}
     assert [d["vs"] for d in rows["ptqd-raw"]["fid_delta"]] == ["fp"]
