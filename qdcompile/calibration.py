@@ -15,8 +15,8 @@
 6. PTQD (``recipe.noise_correction`` / ``recipe.act_bits_mixed``, :mod:`.ptqd`): per-precision
    activation quantizers and the step plan, then the quantization-noise statistics per step.
 
-With ``checkpoint=path`` the calibration set and every finished block are saved
-(atomically); calling again with the same path resumes after the last finished block.
+With ``checkpoint=path`` the calibration set, every finished block and each finished PTQD stage are saved
+(atomically); calling again with the same path resumes after the last finished block or stage.
 """
 
 from __future__ import annotations
@@ -403,7 +403,8 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
         base.eval()
         try:
             calibrate_noise(base, scheduler, meta, calib, num_inference_steps=num_inference_steps,
-                            batch_size=batch_size, sample_kwargs=sample_kwargs, seed=seed, progress=progress)
+                            batch_size=batch_size, sample_kwargs=sample_kwargs, seed=seed, progress=progress,
+                            checkpoint=ckpt)
         finally:
             base.train(was_training)
     logger.info("calibrated %d layers (%d split, %d left in float)", len(records), len(splits), len(fallbacks))

@@ -320,16 +320,54 @@ def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence
     return out
 
 
+class _Stages:
+    """PTQD stage results kept in the calibration checkpoint (when there is one): each stage
+    is computed once, saved, and read back when an interrupted calibration resumes."""
+
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+        self.done: dict[str, Any] = dict(ckpt.state.get("ptqd", {})) if ckpt is not None else {}
+
+    def run(self, key: str, compute, to_state, from_state):
+        if key in self.done:
+            return from_state(self.done[key])
+        value = compute()
+        if self.ckpt is not None:
+            self.done[key] = to_state(value)
+            self.ckpt.save(ptqd=dict(self.done))
+        return value
+
+
+def _acts_state(acts: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
+    return {n: [a.to_dict() for a in parts] for n, parts in acts.items()}
+
+
+def _acts_from(state: dict[str, list[dict[str, Any]]]) -> dict[str, list[Any]]:
+    from .metadata import ActQuant
+
+    return {n: [ActQuant.from_dict(a) for a in parts] for n, parts in state.items()}
+
+
+def _stats_state(stats: dict[int, list[StepNoise]]) -> dict[int, list[dict[str, Any]]]:
+    return {b: [s.to_dict() for s in v] for b, v in stats.items()}
+
+
+def _stats_from(state: dict[int, list[dict[str, Any]]]) -> dict[int, list[StepNoise]]:
+    return {int(b): [StepNoise.from_dict(s) for s in v] for b, v in state.items()}
+
+
 def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, batch_size=None, sample_kwargs=None,
-                    seed: int = 0, progress: bool = True) -> None:
+                    seed: int = 0, progress: bool = True, checkpoint=None) -> None:
     """PTQD stage of :func:`qdcompile.calibrate`, filling ``meta`` in place: for a mixed recipe
     the per-precision activation quantizers and the plan; the noise statistics per precision
     and step; and the correction layer. Trajectories are fresh FP samples (``seed + 7919``),
-    every step of the ``num_inference_steps`` schedule."""
+    every step of the ``num_inference_steps`` schedule. ``checkpoint`` (a
+    ``CalibrationCheckpoint``): each finished stage is saved there and skipped on resume."""
     from .evaluate import TrajectoryRecorder
     from .sampling import sample
 
     recipe = meta.recipe
+    stages = _Stages(checkpoint)
     recorder = TrajectoryRecorder(recipe.noise_samples)
     sample(unet, scheduler, num_images=recipe.noise_samples, num_inference_steps=num_inference_steps,
            generator=torch.Generator().manual_seed(seed + 7919), batch_size=batch_size, sample_kwargs=sample_kwargs,
@@ -341,8 +379,11 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
         others = [b for b in recipe.act_bits_mixed if b != recipe.act_bits]
         # 1. every candidate width calibrated on all steps → SNR_Q per step → the plan
         for b in others:
-            meta.act_variants[b] = calibrate_activations(unet, calib, meta.layers, b, recipe, seed=seed, progress=progress)
-        stats = noise_statistics(unet, meta, trajectory, channels, [None, *others], progress)
+            meta.act_variants[b] = stages.run(
+                f"acts_all_A{b}", lambda b=b: calibrate_activations(unet, calib, meta.layers, b, recipe, seed=seed,
+                                                                    progress=progress), _acts_state, _acts_from)
+        stats = stages.run("plan_stats", lambda: noise_statistics(unet, meta, trajectory, channels, [None, *others],
+                                                                  progress), _stats_state, _stats_from)
         meta.precision_plan = plan_precisions(stats, scheduler, recipe.mixed_margin_db)
         # 2. each width's activation quantizers re-calibrated on its own steps (weights shared)
         plan = dict(meta.precision_plan)
@@ -350,13 +391,16 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
             own = _subset(calib, lambda t, b=b: nearest(list(plan.items()), t, key=lambda e: e[0])[1] == b)
             if not own.x:
                 continue   # never chosen: keep its all-steps calibration
-            acts = calibrate_activations(unet, own, meta.layers, b, recipe, seed=seed, progress=progress)
+            acts = stages.run(f"acts_own_A{b}", lambda own=own, b=b: calibrate_activations(
+                unet, own, meta.layers, b, recipe, seed=seed, progress=progress), _acts_state, _acts_from)
             if b == recipe.act_bits:
                 meta.layers.update({n: meta.layers[n].with_act(a) for n, a in acts.items()})
             else:
                 meta.act_variants[b] = acts
         meta.calibration["precision_plan_counts"] = {f"A{b}": sum(v == b for v in plan.values())
                                                      for b in recipe.act_bits_mixed}
-    meta.noise = noise_statistics(unet, meta, trajectory, channels, [None, *sorted(meta.act_variants)], progress)
+    meta.noise = stages.run("noise", lambda: noise_statistics(unet, meta, trajectory, channels,
+                                                              [None, *sorted(meta.act_variants)], progress),
+                            _stats_state, _stats_from)
     meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
                                  "scheduler": type(scheduler).__name__, "eps_channels": channels}

@@ -366,3 +366,45 @@ def test_conditional_unet_called_the_way_stable_diffusion_calls_it():
     assert torch.allclose(out[0], a.float().view(1, -1, 1, 1) * ref[0] + b.float().view(1, -1, 1, 1), atol=1e-6)
     params = inspect.signature(q.wrap_scheduler(DDIMScheduler()).step).parameters
     assert "eta" in params and "generator" in params
+
+
+def test_interrupted_ptqd_stage_resumes_from_the_checkpoint(tmp_path, monkeypatch):
+    import qdcompile.ptqd as ptqd
+    from tests.tiny_models import scheduler
+
+    def run(**kw):
+        return calibrate(tiny_unet2d(seed=6), scheduler(), QuantRecipe.mixed(**_FAST), num_samples=2,
+                         num_inference_steps=4, progress=False, attach=False, seed=1, **kw)
+
+    full = run()
+    real_stats, real_acts = ptqd.noise_statistics, ptqd.calibrate_activations
+    calls = {"stats": 0, "acts": 0}
+
+    class Interrupted(Exception):
+        pass
+
+    def stats_then_stop(*a, **kw):
+        calls["stats"] += 1
+        if calls["stats"] == 2:   # the final statistics, after the plan and every re-calibration
+            raise Interrupted("injected in the last PTQD stage")
+        return real_stats(*a, **kw)
+
+    ckpt = tmp_path / "mixed.ckpt"
+    monkeypatch.setattr(ptqd, "noise_statistics", stats_then_stop)
+    with pytest.raises(Interrupted):
+        run(checkpoint=ckpt)
+    saved = torch.load(ckpt, weights_only=True)["ptqd"]
+    assert {"acts_all_A4", "plan_stats"} <= set(saved) and "noise" not in saved
+
+    def counting_acts(*a, **kw):
+        calls["acts"] += 1
+        return real_acts(*a, **kw)
+
+    calls["stats"] = 10
+    monkeypatch.setattr(ptqd, "noise_statistics", stats_then_stop)
+    monkeypatch.setattr(ptqd, "calibrate_activations", counting_acts)
+    resumed = run(checkpoint=ckpt)
+    assert calls == {"stats": 11, "acts": 0}   # only the unfinished stage ran again
+    assert resumed.precision_plan == full.precision_plan and resumed.noise == full.noise
+    assert resumed.act_variants == full.act_variants
+    assert all(resumed.layers[n].act_quants() == r.act_quants() for n, r in full.layers.items())
