@@ -11,8 +11,9 @@ One run times, on the same U-Net (same random weights, seeded) and the same inpu
 * ``qdiff-w8a8`` / ``qdiff-w4a8`` (``qdiff-w4a4`` on request) — ``qdcompile.calibrate`` with a
   CHEAP calibration (``--calib-samples 2 --calib-steps 4``: speed does not depend on
   calibration quality) then ``torch.compile(unet, backend="qdiff")``;
-* ``qdiff-mixed`` — PTQD step-aware mixed precision: stubbed as unavailable until the
-  mixed-precision sampler exists.
+* ``qdiff-mixed`` — PTQD step-aware mixed precision through ``qdcompile.QuantizedUNet``
+  (cheap ``QuantRecipe.mixed()`` calibration): each precision's step is timed and the step
+  latency is their mean weighted by the plan; end to end runs the corrected sampler.
 
 Per contender: U-Net step latency (median of ``triton.testing.do_bench`` — CUDA events, L2
 flushed — over two independent passes, their spread shows the noise), optional CUDA-graph
@@ -46,7 +47,7 @@ starting contenders when the last one of the same family — eager / Inductor / 
 longer than the ``--budget-s`` time left, and rewrites its JSON/CSV after every contender):
 
 1. the command above: SD1.5 CFG batch 2 — FP16 eager, FP16 compiled, qdiff W8A8, qdiff W4A8,
-   torchao (+ the mixed-precision stub). Cold Inductor compiles of an SD1.5 U-Net take minutes
+   torchao, qdiff mixed (per-precision steps weighted by its plan). Cold Inductor compiles of an SD1.5 U-Net take minutes
    each and the qdiff kernels autotune on first call, so expect 6–10 min;
 2. whatever call 1 skipped: ``--contenders fp-eager torchao-int8 --tag sd15-b2-rest`` (say),
    then ``--merge`` the two JSONs here (same device only);
