@@ -59,18 +59,32 @@ def _sample_kwargs(unet, path: str | None, device: str, dtype):
     return prompt_kwargs(unet, path, device, dtype)
 
 
+def _load(args, device: str, dtype):
+    """``(unet, scheduler, sample_kwargs, pipeline or None)``: with ``--prompt`` the model is a
+    text-to-image pipeline folder and the U-Net is conditioned on the prompt's embeddings."""
+    from .models import load_model, load_text_pipeline, prompt_embeddings
+
+    prompt = getattr(args, "prompt", None)
+    if prompt is None:
+        unet, scheduler = load_model(args.model, device=device, dtype=dtype)
+        return unet, scheduler, _sample_kwargs(unet, args.prompt_embeds, device, dtype), None
+    if args.prompt_embeds:
+        raise ValueError("pass --prompt (encoded by the pipeline's text encoder) or --prompt-embeds FILE.pt, not both")
+    pipe = load_text_pipeline(args.model, device=device, dtype=dtype)
+    return pipe.unet, pipe.scheduler, {"encoder_hidden_states": prompt_embeddings(pipe, prompt)}, pipe
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_calibrate(args) -> int:
     import qdcompile
-    from .models import load_model
 
     device = _device(args.device)
-    unet, scheduler = load_model(args.model, device=device, dtype=_dtype(device))
+    unet, scheduler, kwargs, _ = _load(args, device, _dtype(device))
     recipe = qdcompile.QuantRecipe.preset(args.recipe)
     meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.num_samples,
                                num_inference_steps=args.steps, num_calib_steps=args.calib_steps,
                                batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                               sample_kwargs=_sample_kwargs(unet, args.prompt_embeds, device, _dtype(device)))
+                               sample_kwargs=kwargs)
     path = meta.save(args.out)
     print(f"wrote {path} ({len(meta.layers)} layers quantized, {len(meta.fallbacks)} left in float)")
     return 0
@@ -81,7 +95,6 @@ def cmd_sample(args) -> int:
 
     import qdcompile
     from .images import save_comparison_grid
-    from .models import load_model
     from .pipeline import Corrections, QuantizedUNet
 
     if (args.metadata is None) == (args.recipe is None):
@@ -91,14 +104,18 @@ def cmd_sample(args) -> int:
                          "(a --metadata file keeps the plan it was calibrated with)")
     device = _device(args.device)
     dtype = _dtype(device)
-    unet, scheduler = load_model(args.model, device=device, dtype=dtype)
+    unet, scheduler, kwargs, pipe = _load(args, device, dtype)
     if args.scheduler == "ddim":
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(scheduler.config)
+        if pipe is not None:
+            pipe.scheduler = scheduler
     elif args.eta:
         raise ValueError("--eta applies to DDIM sampling: add --scheduler ddim")
-    kwargs = _sample_kwargs(unet, args.prompt_embeds, device, dtype)
+    fp_images = None
+    if pipe is not None and args.compare_fp:   # the float pipeline, before its U-Net is replaced
+        fp_images = _run_pipeline(pipe, args)
     if args.metadata:
         meta = qdcompile.load_metadata(args.metadata)
     else:
@@ -122,10 +139,15 @@ def cmd_sample(args) -> int:
         return sample_fn(num_images=args.num_images, num_inference_steps=args.steps, generator=g,
                          sample_kwargs=kwargs, progress=not args.quiet, step_kwargs=step_kwargs)
 
-    quant = run(lambda **kw: quant_unet.sample(scheduler, **kw))
+    if pipe is not None:   # the diffusers pipeline itself: CFG, VAE decoding, the corrected scheduler
+        pipe.unet = quant_unet
+        qdcompile.quantize_pipeline(pipe, meta)
+        quant = _run_pipeline(pipe, args)
+    else:
+        quant = run(lambda **kw: quant_unet.sample(scheduler, **kw))
     rows = [(f"{meta.recipe.name} (qdiff)", quant)]
     if args.compare_fp:
-        fp = run(lambda **kw: qdcompile.sample(unet, scheduler, **kw))  # the eager module is the float model
+        fp = fp_images if pipe is not None else run(lambda **kw: qdcompile.sample(unet, scheduler, **kw))
         rows.insert(0, ("FP", fp))
         print(f"sample PSNR vs FP (same seeds): {psnr_db(fp, quant):.2f} dB")
     if args.out:
@@ -136,6 +158,15 @@ def cmd_sample(args) -> int:
             print(f"wrote {save_comparison_grid(rows, args.out)}")
     print(qdcompile.report(quant_unet.model))
     return 0
+
+
+def _run_pipeline(pipe, args):
+    """Images ``[N, 3, H, W]`` in [0, 1] of ``args.prompt`` from a text-to-image pipeline."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    return pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                num_images_per_prompt=args.num_images, generator=g, eta=args.eta, output_type="pt").images.float().cpu()
 
 
 def cmd_demo(args) -> int:
@@ -269,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-steps", type=int, default=None, help="time steps kept (uniform); default all")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
+    p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: calibrate on this prompt, "
+                   "encoded by the pipeline's text encoder (needs transformers)")
     _common(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -290,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compare-fp", action="store_true", help="also sample the float model with the same seeds")
-    p.add_argument("--prompt-embeds", default=None)
+    p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
+    p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: run the diffusers pipeline "
+                   "itself, quantized (text encoder, classifier-free guidance, VAE; needs transformers)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="with --prompt: classifier-free guidance scale")
     _common(p)
     p.set_defaults(func=cmd_sample)
 

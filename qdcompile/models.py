@@ -52,3 +52,50 @@ def load_model(spec: str | os.PathLike, device: str = "cpu", dtype=None):
         raise ValueError(f"{str(sched_cfg)!r}: unknown scheduler class {sched_name!r}")
     scheduler = sched_cls.from_pretrained(sched_dir, subfolder=sched_sub)
     return unet, scheduler
+
+
+def load_text_pipeline(spec: str | os.PathLike, device: str = "cpu", dtype=None):
+    """A text-to-image diffusers pipeline folder (``model_index.json`` with ``text_encoder/``,
+    ``tokenizer/``, ``vae/``, ``unet/``, ``scheduler/``: Stable Diffusion 1.x/2.x), loaded with
+    ``DiffusionPipeline.from_pretrained`` for ``--prompt`` (needs transformers). The safety
+    checker is not loaded."""
+    import torch
+
+    root = Path(spec)
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"--prompt needs a diffusers pipeline folder with a text encoder; {str(spec)!r} has no "
+                                "model_index.json (for a bare U-Net pass --prompt-embeds FILE.pt instead)")
+    parts = json.loads(index.read_text())
+    missing = [c for c in ("text_encoder", "tokenizer", "vae", "unet", "scheduler")
+               if not isinstance(parts.get(c), list) or parts[c][0] is None]
+    if missing:
+        raise ValueError(f"{str(index)!r} ({parts.get('_class_name')}) lacks {missing}: --prompt needs a text-to-image "
+                         "pipeline with a text encoder, tokenizer and VAE (or pass --prompt-embeds FILE.pt)")
+    if isinstance(parts.get("text_encoder_2"), list) and parts["text_encoder_2"][0] is not None:
+        raise ValueError(f"{str(index)!r} is a {parts.get('_class_name')} with two text encoders (SDXL): its U-Net also "
+                         "needs pooled text embeddings and time ids, which the CLI does not build; use the Python "
+                         "API (qdcompile.calibrate(..., sample_kwargs=...) and qdcompile.quantize_pipeline)")
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError("--prompt encodes the text with the pipeline's CLIP text encoder, which needs "
+                          "transformers: pip install transformers (or pass --prompt-embeds FILE.pt)") from e
+    from diffusers import DiffusionPipeline
+
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in parts else {}
+    pipe = DiffusionPipeline.from_pretrained(root, torch_dtype=dtype or torch.float32, **extra).to(device)
+    if type(pipe.unet).__name__ != "UNet2DConditionModel" or not hasattr(pipe, "encode_prompt"):
+        raise ValueError(f"{str(index)!r}: {type(pipe).__name__} with a {type(pipe.unet).__name__} is not a "
+                         "text-to-image pipeline qdcompile can drive")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_embeddings(pipe, prompt: str):
+    """``encoder_hidden_states`` ``[1, tokens, dim]`` of ``prompt`` from the pipeline's text encoder."""
+    import torch
+
+    with torch.no_grad():
+        emb, _ = pipe.encode_prompt(prompt, pipe.device, 1, False)
+    return emb

@@ -82,3 +82,35 @@ def test_sample_with_mixed_metadata_prints_the_plan(model_dir, tmp_path, capsys)
     assert "--scheduler ddim" in capsys.readouterr().err
     assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--snr-margin", "20", "--quiet"]) == 2
     assert "--recipe mixed" in capsys.readouterr().err
+
+
+def test_stable_diffusion_folder_with_a_prompt(tmp_path, capsys):
+    """A pipeline folder written with save_pretrained: --prompt encodes the text with its CLIP
+    encoder, calibrates on it, then runs the diffusers pipeline itself, quantized (CFG, VAE)."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+
+    from tiny_models import tiny_sd_pipeline
+
+    (tmp_path / "tok").mkdir()
+    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(tmp_path / "sd")
+    sd, meta, grid = str(tmp_path / "sd"), tmp_path / "sd.w8a8.qdiff", tmp_path / "sd.png"
+    assert main(["calibrate", "--model", sd, "--prompt", "a photo of a cat", "--out", str(meta),
+                 "--num-samples", "2", "--steps", "3", "--quiet"]) == 0
+    assert meta.is_file()
+    capsys.readouterr()
+    assert main(["sample", "--model", sd, "--metadata", str(meta), "--prompt", "a red house in the snow",
+                 "--num-images", "2", "--steps", "3", "--guidance-scale", "4", "--scheduler", "ddim", "--eta", "0.5",
+                 "--compare-fp", "--out", str(grid), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "sample PSNR vs FP" in out and "on integer kernels" in out
+    with Image.open(grid) as im:   # FP and quantized rows of two decoded 16x16 RGB images (2 px gaps, x2, labels)
+        assert im.mode == "RGB" and im.size == (2 * 2 * (16 + 2), 2 * (2 * (16 + 2) + 16))
+    # what cannot work says why
+    assert main(["sample", "--model", "mnist", "--recipe", "w8a8", "--prompt", "a cat", "--quiet"]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    emb = tmp_path / "emb.pt"
+    torch.save(torch.randn(1, 5, 24), emb)
+    assert main(["sample", "--model", sd, "--metadata", str(meta), "--prompt", "a cat", "--prompt-embeds", str(emb),
+                 "--quiet"]) == 2
+    assert "not both" in capsys.readouterr().err

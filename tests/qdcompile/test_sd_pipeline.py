@@ -6,8 +6,6 @@ explicit classifier-free-guidance loop over the same quantized U-Net and correct
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -16,56 +14,18 @@ pytest.importorskip("transformers")
 from qdcompile import QuantRecipe, calibrate, quantize_pipeline  # noqa: E402
 from qdcompile.pipeline import CorrectedScheduler, QuantizedUNet  # noqa: E402
 
-WORDS = ("a", "photo", "of", "red", "blue", "cat", "dog", "house", "tree", "in", "the", "snow")
 _FAST = dict(recon_iters=6, act_lsq_iters=3, recon_batch_size=8, noise_samples=3)
-
-
-def _tokenizer(tmp_path):
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for w in WORDS:
-        vocab[w + "</w>"] = len(vocab)
-    for c in sorted({c for w in WORDS for c in w}):   # characters, so unknown words still tokenise
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges = ["#version: 0.2"]
-    for w in WORDS:   # merge each known word left to right, the last merge onto "</w>"
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            merged = parts[0] + parts[1]
-            vocab.setdefault(merged, len(vocab))
-            parts = [merged] + parts[2:]
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=12)
 
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.tiny_models import tiny_sd_pipeline
 
-    from tests.tiny_models import tiny_unet2d_condition
-
-    tok = _tokenizer(tmp_path_factory.mktemp("clip"))
-    torch.manual_seed(11)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1)).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16).eval()
-    unet = tiny_unet2d_condition(seed=3)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_sd_pipeline(tmp_path_factory.mktemp("clip"))
     with torch.no_grad():
         emb, _ = pipe.encode_prompt("a photo of a red cat", "cpu", 1, False)
     # mixed: A4/A8 per step, PTQD statistics; the calibration trajectories use the prompt's embeddings
-    meta = calibrate(unet, pipe.scheduler, QuantRecipe.mixed(**_FAST), num_samples=3, num_inference_steps=5,
+    meta = calibrate(pipe.unet, pipe.scheduler, QuantRecipe.mixed(**_FAST), num_samples=3, num_inference_steps=5,
                      sample_kwargs={"encoder_hidden_states": emb}, progress=False, attach=False)
     return pipe, meta
 
