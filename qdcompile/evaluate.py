@@ -531,7 +531,8 @@ class FeatureSpace:
 
     def fid_deltas(self, rows: Sequence[dict[str, Any]], samples: dict[str, torch.Tensor]) -> None:
         """Each quantized row gets ``fid_delta``: paired-bootstrap ΔFID vs FP and, for a row with
-        PTQD corrections, vs the uncorrected row of the same recipe and precision plan."""
+        PTQD corrections, vs the uncorrected row of the same recipe and precision plan; and
+        ``fid_vs_fp_samples``, its FID against the FP samples instead of the real images."""
         if self.backend != "builtin" or "fp" not in samples:
             return
         feats = {k: self.features(v) for k, v in samples.items()}
@@ -544,6 +545,8 @@ class FeatureSpace:
                              and c.mixed == cfg.mixed and c.corrections == (False, False, False) and c.key in feats]
             r["fid_delta"] = [{"vs": ref, **paired_fid_delta(feats[r["key"]], feats[ref], self._real_features)}
                               for ref in refs]
+            # distance to what the float model draws (FP's samples as the reference set)
+            r["fid_vs_fp_samples"] = frechet_distance(feats[r["key"]], feats["fp"])
 
     def kid_subset_size(self, num_generated: int) -> int:
         return min(1000, num_generated, self.real.shape[0])
@@ -1096,6 +1099,9 @@ def _markdown(results: dict[str, Any]) -> str:
                   "means the difference is within the noise of this sample count):", ""]
         lines += [f"* {label} − {d['vs']}: {d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
                   for label, d in deltas]
+        lines += ["", "FID against the FP samples (same features; how far each row is from what the float model "
+                  "draws): " + ", ".join(f"{r['label'].strip()} {r['fid_vs_fp_samples']:.2f}"
+                                         for r in results["configs"] if r.get("fid_vs_fp_samples") is not None)]
     split = next((r for r in results["configs"] if r.get("split_ranges")), None)
     if split:
         lines += ["", f"Shortcut-split layers ({split['label'].strip()}): observed input range of each concat part "

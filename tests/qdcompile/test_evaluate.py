@@ -269,6 +269,7 @@ def test_eval_ptqd_rows_compare_with_their_uncorrected_row(model28, tmp_path, ca
     assert (vs_fp["vs"], vs_raw["vs"]) == ("fp", "ptqd-raw")
     assert vs_raw["delta"] == pytest.approx(rows["ptqd"]["fid"] - rows["ptqd-raw"]["fid"], rel=1e-6, abs=1e-9)
     assert "− ptqd-raw:" in next(out.glob("quality-*.md")).read_text()
+    assert all(rows[k]["fid_vs_fp_samples"] > 0 for k in ("ptqd-raw", "ptqd")) and "fid_vs_fp_samples" not in rows["fp"]
 
 
 def test_eval_command_reports_unavailable_configs(model28, tmp_path, monkeypatch, capsys):
