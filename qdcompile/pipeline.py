@@ -201,7 +201,11 @@ class QuantizedUNet(nn.Module):
 
     def format_plan(self, scheduler, num_inference_steps: int, eta: float = 0.0) -> str:
         rows = self.plan(scheduler, num_inference_steps, eta)
-        lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}, corrections {self.corrections.label()}):"]
+        rule = ""
+        if self.mixed:
+            m = self.meta.recipe.mixed_margin_db
+            rule = ", rule SNR_Q > SNR_F" + (f" * 10^({m:g}/20)" if m else " (PTQD)")
+        lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}{rule}, corrections {self.corrections.label()}):"]
         w = self.meta.recipe.weight_bits
         lines.append(f"  W{w}: " + format_plan_runs([(r["step"], r["timestep"], r["act_bits"]) for r in rows]))
         counts = {b: sum(r["act_bits"] == b for r in rows) for b in sorted({r["act_bits"] for r in rows})}

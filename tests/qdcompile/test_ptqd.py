@@ -313,6 +313,20 @@ def test_pipeline_path_gives_the_explicit_samplers_images(mixed, kind):
     assert pipe.scheduler.last_sigma2 is None or pipe.scheduler.last_sigma2[1] <= pipe.scheduler.last_sigma2[0]
 
 
+def test_format_plan_states_the_rule_and_counts(mixed):
+    import dataclasses
+
+    from tests.tiny_models import scheduler
+
+    unet, meta, _ = mixed
+    text = QuantizedUNet(unet, meta, backend="simulate").format_plan(scheduler(), 6)
+    counts = {b: sum(v == b for _, v in meta.precision_plan) for b in (4, 8)}
+    assert "rule SNR_Q > SNR_F (PTQD)" in text
+    assert ", ".join(f"A{b}: {n} steps" for b, n in counts.items() if n) in text
+    margin = dataclasses.replace(meta, recipe=dataclasses.replace(meta.recipe, mixed_margin_db=20.0))
+    assert "rule SNR_Q > SNR_F * 10^(20/20)" in QuantizedUNet(unet, margin, backend="simulate").format_plan(scheduler(), 6)
+
+
 def test_corrections_need_statistics(mixed):
     unet, meta, _ = mixed
     import dataclasses
