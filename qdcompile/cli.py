@@ -99,6 +99,8 @@ def cmd_sample(args) -> int:
 
     if (args.metadata is None) == (args.recipe is None):
         raise ValueError("pass --metadata FILE (calibrated before) or --recipe NAME (calibrate now), not both")
+    if args.guidance_scale is not None and args.prompt is None:
+        raise ValueError("--guidance-scale applies to --prompt sampling of a Stable Diffusion pipeline folder")
     if args.snr_margin is not None and args.recipe != "mixed":
         raise ValueError("--snr-margin sets the mixed-precision rule at calibration: use it with --recipe mixed "
                          "(a --metadata file keeps the plan it was calibrated with)")
@@ -165,7 +167,8 @@ def _run_pipeline(pipe, args):
     import torch
 
     g = torch.Generator().manual_seed(args.seed)
-    return pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+    guidance = 7.5 if args.guidance_scale is None else args.guidance_scale
+    return pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=guidance,
                 num_images_per_prompt=args.num_images, generator=g, eta=args.eta, output_type="pt").images.float().cpu()
 
 
@@ -326,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
     p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: run the diffusers pipeline "
                    "itself, quantized (text encoder, classifier-free guidance, VAE; needs transformers)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="with --prompt: classifier-free guidance scale")
+    p.add_argument("--guidance-scale", type=float, default=None, help="with --prompt: classifier-free guidance scale "
+                   "(default 7.5)")
     _common(p)
     p.set_defaults(func=cmd_sample)
 

@@ -114,3 +114,5 @@ def test_stable_diffusion_folder_with_a_prompt(tmp_path, capsys):
     assert main(["sample", "--model", sd, "--metadata", str(meta), "--prompt", "a cat", "--prompt-embeds", str(emb),
                  "--quiet"]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main(["sample", "--model", "mnist", "--recipe", "w8a8", "--guidance-scale", "3", "--quiet"]) == 2
+    assert "--prompt" in capsys.readouterr().err
