@@ -60,7 +60,8 @@ __all__ = [
     "snr_db", "psnr_db", "snr_q", "snr_f",
     "TrajectoryRecorder", "Trajectory", "StepSNR", "step_snr", "summarize_snr",
     "MNIST_FEATURES", "FidelityUnavailable", "register_mnist_feature_extractor", "fid_kid",
-    "frechet_distance", "kernel_distance", "real_mnist_images", "to_uint8",
+    "frechet_distance", "kernel_distance", "paired_fid_delta", "colour_moments", "colour_w2",
+    "real_mnist_images", "to_uint8",
     "EvalConfig", "CONFIGS", "NotAvailable", "quantized_model",
     "EvalOptions", "run_quality", "format_table", "write_outputs",
     "add_eval_arguments", "add_eval_parser", "cmd_eval", "FID_NOTE",
@@ -427,14 +428,32 @@ def kernel_distance(f1: torch.Tensor, f2: torch.Tensor, subset_size: int, subset
     return float(t.mean()), float(t.std(unbiased=False))
 
 
+def colour_moments(images: torch.Tensor) -> torch.Tensor:
+    """Per image and channel, the mean and standard deviation of the pixels in 8-bit levels:
+    ``[N, 2C]`` float64 (means first). ``images``: uint8 or floats in [0, 1], ``[N, C, H, W]``."""
+    x = (images if images.dtype == torch.uint8 else to_uint8(images)).double()
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def colour_w2(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Wasserstein-2 distance, in 8-bit levels, between Gaussians fitted to two sets of
+    :func:`colour_moments`: the square root of their Fréchet distance. Zero for equal sets; a
+    uniform brightness shift of ``d`` levels on one channel gives ``d``. A colour cast or a
+    contrast change moves it, while classifier features (what FID sees) are largely blind to both."""
+    return math.sqrt(max(frechet_distance(f1, f2), 0.0))
+
+
 def paired_fid_delta(f1: torch.Tensor, f2: torch.Tensor, real: torch.Tensor, boots: int = 200,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, distance: Callable[[torch.Tensor, torch.Tensor], float] = None
+                     ) -> dict[str, Any]:
     """``FID(f1) − FID(f2)`` against ``real`` with a paired bootstrap 95% interval.
 
     Row ``i`` of both generated sets comes from the same seed (same initial noise), so one
     resampled index set serves both: the interval shows whether a difference between two
     configurations exceeds the noise of drawing ``N`` samples (the real set stays fixed).
+    ``distance`` replaces the Fréchet distance (e.g. :func:`colour_w2` on colour moments).
     """
+    distance = frechet_distance if distance is None else distance
     if f1.shape != f2.shape:
         raise ValueError(f"paired ΔFID needs sample sets of one shape, got {list(f1.shape)} and {list(f2.shape)}")
     n = f1.shape[0]
@@ -442,10 +461,10 @@ def paired_fid_delta(f1: torch.Tensor, f2: torch.Tensor, real: torch.Tensor, boo
     deltas = []
     for _ in range(boots):
         idx = torch.randint(0, n, (n,), generator=gen)
-        deltas.append(frechet_distance(f1[idx], real) - frechet_distance(f2[idx], real))
+        deltas.append(distance(f1[idx], real) - distance(f2[idx], real))
     d = torch.tensor(deltas, dtype=torch.float64)
     lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"delta": frechet_distance(f1, real) - frechet_distance(f2, real), "ci95": [lo, hi], "boots": boots}
+    return {"delta": distance(f1, real) - distance(f2, real), "ci95": [lo, hi], "boots": boots}
 
 
 class FeatureSpace:
@@ -479,6 +498,7 @@ class FeatureSpace:
         self.kid_subsets, self.seed, self.batch_size = kid_subsets, seed, batch_size
         self.inception_weights, self.classifier_weights = inception_weights, classifier_weights
         self.real = to_uint8(real)
+        self._real_colour = colour_moments(self.real)
         self._cache_dir: Optional[tempfile.TemporaryDirectory] = None
         if backend == "torch-fidelity":
             _import_torch_fidelity()
@@ -530,19 +550,23 @@ class FeatureSpace:
         return self._builtin_features(to_uint8(images)) if self.backend == "builtin" else None
 
     def fid_deltas(self, rows: Sequence[dict[str, Any]], samples: dict[str, torch.Tensor]) -> None:
-        """Each quantized row gets ``fid_delta``: paired-bootstrap ΔFID vs FP and, for a row with
-        PTQD corrections, vs the uncorrected row of the same recipe and precision plan; and
-        ``fid_vs_fp_samples``, its FID against the FP samples instead of the real images."""
-        if self.backend != "builtin" or "fp" not in samples:
+        """Each quantized row gets paired-bootstrap differences against FP and, for a row with PTQD
+        corrections, against the uncorrected row of the same recipe and precision plan:
+        ``colour_delta`` (colour W2 vs real; any backend) and, with the builtin backend,
+        ``fid_delta`` and ``fid_vs_fp_samples`` (its FID against the FP samples instead of the real
+        images)."""
+        if "fp" not in samples:
             return
-        feats = {k: self.features(v) for k, v in samples.items()}
+        colour = {k: colour_moments(v) for k, v in samples.items()}
+        feats = {k: self.features(v) for k, v in samples.items()} if self.backend == "builtin" else None
         for r in rows:
-            if r.get("status") != "ok" or r["key"] == "fp" or r["key"] not in feats:
+            if r.get("status") != "ok" or r["key"] == "fp" or r["key"] not in samples:
                 continue
-            cfg = CONFIGS[r["key"]]
-            refs = ["fp"] + [c.key for c in CONFIGS.values()
-                             if cfg.corrections and any(cfg.corrections) and c.preset == cfg.preset
-                             and c.mixed == cfg.mixed and c.corrections == (False, False, False) and c.key in feats]
+            refs = ["fp"] + [k for k in uncorrected_counterparts(r["key"]) if k in samples]
+            r["colour_delta"] = [{"vs": ref, **paired_fid_delta(colour[r["key"]], colour[ref], self._real_colour,
+                                                                distance=colour_w2)} for ref in refs]
+            if feats is None:
+                continue
             r["fid_delta"] = [{"vs": ref, **paired_fid_delta(feats[r["key"]], feats[ref], self._real_features)}
                               for ref in refs]
             # distance to what the float model draws (FP's samples as the reference set)
@@ -552,14 +576,16 @@ class FeatureSpace:
         return min(1000, num_generated, self.real.shape[0])
 
     def __call__(self, generated: torch.Tensor) -> dict[str, float]:
-        """``{"fid", "kid_mean", "kid_std", "kid_subset_size"}`` of ``generated`` against the real set."""
+        """``{"fid", "kid_mean", "kid_std", "kid_subset_size", "colour_w2"}`` of ``generated`` against
+        the real set."""
         gen = to_uint8(generated)
         m = self.kid_subset_size(gen.shape[0])
+        colour = {"colour_w2": colour_w2(colour_moments(gen), self._real_colour)}
         if self.backend == "builtin":
             feats = self._builtin_features(gen)
             fid = frechet_distance(feats, self._real_features)
             kid_mean, kid_std = kernel_distance(feats, self._real_features, m, self.kid_subsets, self.seed)
-            return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": m}
+            return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": m, **colour}
         torch_fidelity = _import_torch_fidelity()
         kwargs: dict[str, Any] = {}
         weights = self.inception_weights if self.extractor == "inception" else self.classifier_weights
@@ -573,7 +599,7 @@ class FeatureSpace:
             input2_cache_name=f"real-{self.real.shape[0]}", **kwargs)
         return {"fid": float(metrics["frechet_inception_distance"]),
                 "kid_mean": float(metrics["kernel_inception_distance_mean"]),
-                "kid_std": float(metrics["kernel_inception_distance_std"]), "kid_subset_size": m}
+                "kid_std": float(metrics["kernel_inception_distance_std"]), "kid_subset_size": m, **colour}
 
     def close(self) -> None:
         if self._cache_dir is not None:
@@ -684,6 +710,36 @@ CONFIGS: dict[str, EvalConfig] = {c.key: c for c in (
     EvalConfig("mixed", "W4A4/A8 mixed precision + PTQD", "mixed", corrections=(True, True, True), mixed=True),
 )}
 DEFAULT_CONFIGS = ("fp", "w8a8", "w4a8-rtn", "w4a8-qdiff", "w4a8-qdiff-split")
+
+
+def uncorrected_counterparts(key: str) -> list[str]:
+    """For a configuration with PTQD corrections, the uncorrected configuration(s) of the same
+    recipe and precision plan (what its corrections are measured against); else ``[]``."""
+    cfg = CONFIGS[key]
+    if not (cfg.corrections and any(cfg.corrections)):
+        return []
+    return [c.key for c in CONFIGS.values()
+            if c.preset == cfg.preset and c.mixed == cfg.mixed and c.corrections == (False, False, False)]
+
+
+def correlated_snr_check(rows: Sequence[dict[str, Any]]) -> None:
+    """PTQD's claim for the correlated-noise correction, checked on the evaluation trajectories:
+    at every step where ``k > 0`` a row that divides by ``1 + k`` should have a higher SNR_Q than its
+    uncorrected counterpart. Adds ``snr_where_k_positive`` to such rows: the steps with ``k > 0``,
+    those where SNR_Q rose, and the mean gain in dB (``steps: []`` when ``k`` is 0 everywhere)."""
+    by_key = {r["key"]: r for r in rows if r.get("status") == "ok"}
+    for r in by_key.values():
+        cfg = CONFIGS[r["key"]]
+        raw = next((by_key[k] for k in uncorrected_counterparts(r["key"]) if k in by_key), None)
+        if raw is None or not cfg.corrections[0] or "ptqd_steps" not in r:
+            continue
+        corrected = {s["step"]: s["snr_q_db"] for s in r["snr_steps"]}
+        before = {s["step"]: s["snr_q_db"] for s in raw["snr_steps"]}
+        steps = [s["step"] for s in r["ptqd_steps"] if (s.get("k") or 0.0) > 0 and s["step"] in corrected]
+        gains = [corrected[i] - before[i] for i in steps]
+        r["snr_where_k_positive"] = {"vs": raw["key"], "steps": steps, "raised": [i for i, g in zip(steps, gains)
+                                                                                  if g > 0],
+                                     "mean_gain_db": sum(gains) / len(gains) if gains else None}
 
 
 @contextlib.contextmanager
@@ -883,6 +939,7 @@ def run_quality(opts: EvalOptions, unet=None, scheduler=None, log: Callable[[str
                 log(f"  {cfg.label}: FAILED: {type(e).__name__}: {e}")
         if space is not None:
             space.fid_deltas(results["configs"], results["_samples"])
+        correlated_snr_check(results["configs"])
     finally:
         if space is not None:
             space.close()
@@ -993,6 +1050,9 @@ class _Run:
         if samples is not None:
             row["psnr_vs_fp_db" if self.pixel_space else "sample_snr_vs_fp_db"] = (
                 psnr_db(self.fp, samples) if self.pixel_space else snr_db(self.fp, samples))
+            if self.pixel_space:   # colour cast: per-channel mean of the samples minus FP's, 8-bit levels
+                row["colour_shift_vs_fp"] = (255.0 * (samples.mean(dim=(0, 2, 3)) - self.fp.mean(dim=(0, 2, 3)))
+                                             ).tolist()
         if self.space is not None:
             row.update(self.space(images))
         if self.pixel_space and tuple(self.shape) == (1, 28, 28):
@@ -1014,7 +1074,10 @@ _COLUMNS = (
     ("mean SNR_Q dB", lambda r: _fmt(r.get("mean_snr_q_db"), "{:.1f}")),
     ("min SNR_Q dB (step)", lambda r: (f"{r['min_snr_q_db']:.1f} ({r['min_snr_q_step']})"
                                        if r.get("min_snr_q_db") is not None else "—")),
+    ("colour W2", lambda r: _fmt(r.get("colour_w2"), "{:.2f}")),
     ("PSNR vs FP dB", lambda r: _fmt(r.get("psnr_vs_fp_db", r.get("sample_snr_vs_fp_db")), "{:.2f}")),
+    ("colour shift vs FP", lambda r: ("/".join(f"{v:+.1f}" for v in r["colour_shift_vs_fp"])
+                                      if r.get("colour_shift_vs_fp") else "—")),
     ("digits ≥0.9", lambda r: _fmt(r.get("confident_digits"), "{:.0%}")),
     ("calib s", lambda r: _fmt(r.get("calibration_s"), "{:.1f}")),
     ("sample s", lambda r: _fmt(r.get("sampling_s"), "{:.1f}")),
@@ -1065,6 +1128,11 @@ def _notes(results: dict[str, Any]) -> str:
                      f"{real}; KID: {fid['kid_subsets']} subsets "
                      f"of min(1000, samples) — with {o['num_samples']} samples FID is biased upwards: compare "
                      "rows, not runs with other sample counts.")
+    if results["configs"] and any(r.get("colour_w2") is not None for r in results["configs"]):
+        lines.append("Colour W2: Wasserstein-2 distance (8-bit levels) between Gaussians fitted to each image's "
+                     "per-channel mean and std, samples vs the same real images; sees colour casts and contrast "
+                     "changes that classifier features barely register. Colour shift vs FP: mean of each "
+                     "channel minus FP's, 8-bit levels.")
     lines.append(f"SNR_Q: PTQD eq. 13 on the inputs of {min(o['snr_samples'], o['num_samples'])} FP trajectories, "
                  "in dB (20 log10 of the norm ratio), mean and min over the "
                  f"{o['steps']} steps (step 0 = noisiest). PSNR: quantized vs FP samples from the same seeds.")
@@ -1093,6 +1161,20 @@ def _markdown(results: dict[str, Any]) -> str:
         from .pipeline import format_plan_runs
 
         lines += [f"* {label} — corrections {corr}: {format_plan_runs(plan)}" for label, plan, corr in plans]
+    colour = [(r["label"].strip(), d) for r in results["configs"] for d in r.get("colour_delta", [])]
+    if colour:
+        lines += ["", "Δ colour W2 (paired bootstrap, 95% interval):", ""]
+        lines += [f"* {label} − {d['vs']}: {d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+                  for label, d in colour]
+    checks = [(r["label"].strip(), r["snr_where_k_positive"]) for r in results["configs"]
+              if r.get("snr_where_k_positive")]
+    if checks:
+        lines += ["", "Correlated-noise correction, SNR_Q at the steps where k > 0 (vs the uncorrected row, same "
+                  "FP trajectories):", ""]
+        for label, c in checks:
+            lines.append(f"* {label}: k = 0 at every step" if not c["steps"] else
+                         f"* {label}: k > 0 at {len(c['steps'])} steps {c['steps']}; SNR_Q raised at "
+                         f"{len(c['raised'])} of them, mean {c['mean_gain_db']:+.3f} dB")
     deltas = [(r["label"].strip(), d) for r in results["configs"] for d in r.get("fid_delta", [])]
     if deltas:
         lines += ["", "ΔFID (paired bootstrap over the same-seed samples, 95% interval; an interval containing 0 "

@@ -108,6 +108,47 @@ def test_paired_fid_delta_interval():
         ev.paired_fid_delta(a, a[:10], real)
 
 
+def test_colour_w2_measures_casts_in_levels():
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(40, 200, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
+    m = ev.colour_moments(base)
+    assert m.shape == (64, 6) and m.dtype == torch.float64
+    assert torch.allclose(m[:, :3], base.double().mean(dim=(2, 3))) and torch.allclose(m[:, 3:], base.double().std(dim=(2, 3)))
+    assert torch.equal(ev.colour_moments(base.float() / 255), m)   # floats in [0, 1] are the same images
+    assert ev.colour_w2(m, m.clone()) == pytest.approx(0.0, abs=1e-6)
+    red = base.clone()
+    red[:, 0] += 9                                                  # a uniform cast of 9 levels on one channel
+    assert ev.colour_w2(ev.colour_moments(red), m) == pytest.approx(9.0, rel=1e-6)
+    flat = ((base.double() - 120) * 0.5 + 120).round().to(torch.uint8)   # halved contrast, same mean
+    assert ev.colour_w2(ev.colour_moments(flat), m) > 5
+    # the paired bootstrap takes it as its distance: the cast is a significant, exact difference
+    other = torch.randint(40, 200, (200, 3, 8, 8), generator=g, dtype=torch.uint8)
+    d = ev.paired_fid_delta(ev.colour_moments(red), m, ev.colour_moments(other), boots=50, distance=ev.colour_w2)
+    ref = ev.colour_moments(other)
+    assert d["delta"] == pytest.approx(ev.colour_w2(ev.colour_moments(red), ref) - ev.colour_w2(m, ref))
+    assert d["ci95"][0] > 0
+
+
+def test_correlated_snr_check_counts_steps_with_positive_k():
+    def snr(values):
+        return [{"step": i, "snr_q_db": v} for i, v in enumerate(values)]
+
+    rows = [{"key": "fp", "status": "ok"},
+            {"key": "ptqd-raw", "status": "ok", "snr_steps": snr([20.0, 21.0, 22.0, 23.0]),
+             "ptqd_steps": [{"step": i, "k": 0.0} for i in range(4)]},
+            {"key": "ptqd-k", "status": "ok", "snr_steps": snr([20.0, 21.5, 21.9, 23.0]),
+             "ptqd_steps": [{"step": 0, "k": 0.0}, {"step": 1, "k": 0.02}, {"step": 2, "k": 0.01},
+                            {"step": 3, "k": 0.0}]},
+            {"key": "ptqd-k-bc", "status": "ok", "snr_steps": snr([21.0, 21.2, 22.5, 23.5]),
+             "ptqd_steps": [{"step": i, "k": 0.0} for i in range(4)]}]
+    ev.correlated_snr_check(rows)
+    c = rows[2]["snr_where_k_positive"]
+    assert c["vs"] == "ptqd-raw" and c["steps"] == [1, 2] and c["raised"] == [1]
+    assert c["mean_gain_db"] == pytest.approx((0.5 - 0.1) / 2)
+    assert rows[3]["snr_where_k_positive"]["steps"] == [] and rows[3]["snr_where_k_positive"]["mean_gain_db"] is None
+    assert "snr_where_k_positive" not in rows[1] and "snr_where_k_positive" not in rows[0]
+
+
 def test_kernel_distance_matches_direct_mmd():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g) + 0.7
@@ -270,6 +311,16 @@ def test_eval_ptqd_rows_compare_with_their_uncorrected_row(model28, tmp_path, ca
     assert vs_raw["delta"] == pytest.approx(rows["ptqd"]["fid"] - rows["ptqd-raw"]["fid"], rel=1e-6, abs=1e-9)
     assert "− ptqd-raw:" in next(out.glob("quality-*.md")).read_text()
     assert all(rows[k]["fid_vs_fp_samples"] > 0 for k in ("ptqd-raw", "ptqd")) and "fid_vs_fp_samples" not in rows["fp"]
+    # colour: W2 vs real on every row, shift vs FP and paired deltas on the quantized ones
+    assert all(rows[k]["colour_w2"] > 0 for k in ("fp", "ptqd-raw", "ptqd"))
+    assert "colour_shift_vs_fp" not in rows["fp"] and len(rows["ptqd"]["colour_shift_vs_fp"]) == 1
+    c_fp, c_raw = rows["ptqd"]["colour_delta"]
+    assert (c_fp["vs"], c_raw["vs"]) == ("fp", "ptqd-raw")
+    assert c_raw["delta"] == pytest.approx(rows["ptqd"]["colour_w2"] - rows["ptqd-raw"]["colour_w2"], abs=1e-9)
+    check = rows["ptqd"]["snr_where_k_positive"]
+    assert check["vs"] == "ptqd-raw" and set(check["raised"]) <= set(check["steps"]) <= {0, 1, 2}
+    md = next(out.glob("quality-*.md")).read_text()
+    assert "Δ colour W2" in md and "SNR_Q at the steps where k > 0" in md
 
 
 def test_eval_command_reports_unavailable_configs(model28, tmp_path, monkeypatch, capsys):
