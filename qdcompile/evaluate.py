@@ -1173,7 +1173,7 @@ def _markdown(results: dict[str, Any]) -> str:
                   "FP trajectories):", ""]
         for label, c in checks:
             lines.append(f"* {label}: k = 0 at every step" if not c["steps"] else
-                         f"* {label}: k > 0 at {len(c['steps'])} steps {c['steps']}; SNR_Q raised at "
+                         f"* {label}: k > 0 at {len(c['steps'])} step(s) {c['steps']}; SNR_Q raised at "
                          f"{len(c['raised'])} of them, mean {c['mean_gain_db']:+.3f} dB")
     deltas = [(r["label"].strip(), d) for r in results["configs"] for d in r.get("fid_delta", [])]
     if deltas:

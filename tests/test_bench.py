@@ -159,3 +159,32 @@ def test_latency_smoke_cpu_writes_json(tmp_path):
     assert rows["torchao-int8"]["status"] in ("unavailable", "skipped", "ok")
     assert path.with_suffix(".csv").exists() and (tmp_path / (path.stem + "-profile.txt")).exists()
     print(f"latency --smoke took {time.perf_counter() - t0:.1f}s")
+
+
+def _fid_sensitivity():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import fid_sensitivity
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return fid_sensitivity
+
+
+def test_fid_sensitivity_perturbations_have_their_stated_size():
+    from qdcompile.evaluate import colour_moments
+
+    g = torch.Generator().manual_seed(3)
+    fp = 0.2 + 0.6 * torch.rand(16, 3, 8, 8, generator=g)        # away from 0 and 1: no clamping
+    cast = [12.0, -5.0, 7.5]
+    p = _fid_sensitivity().perturbations(fp, cast)
+    assert torch.equal(p["FP"], fp)
+    shift = 255 * (p["FP + the row's colour cast"] - fp).mean(dim=(0, 2, 3))
+    assert torch.allclose(shift, torch.tensor(cast), atol=1e-3)
+    assert torch.allclose(255 * (p["FP + twice that cast"] - fp).mean(dim=(0, 2, 3)), 2 * torch.tensor(cast), atol=1e-3)
+    assert torch.allclose(p["FP + 25 levels grey"] - fp, torch.full_like(fp, 25 / 255), atol=1e-6)
+    std = colour_moments(p["FP, contrast x 0.9"])[:, 3:] / colour_moments(fp)[:, 3:]
+    assert std.mean().item() == pytest.approx(0.9, abs=0.02)      # uint8 rounding
+    noise = p["FP + noise, 8 levels"] - fp
+    assert 255 * noise.std().item() == pytest.approx(8.0, rel=0.05) and abs(255 * noise.mean().item()) < 0.5
+    blur = p["FP, 3x3 box blur"]
+    assert blur.shape == fp.shape and blur.var() < fp.var()
