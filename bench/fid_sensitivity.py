@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qdcompile.evaluate import (FeatureSpace, _write_atomic, colour_moments, colour_w2, paired_fid_delta,  # noqa: E402
-                                real_cifar10_images, real_mnist_images)
+from qdcompile.evaluate import (FeatureSpace, _write_atomic, colour_moments, colour_w2,  # noqa: E402
+                                format_colour_shift, paired_fid_delta, real_cifar10_images, real_mnist_images)
 
 
 def perturbations(fp: torch.Tensor, cast_levels: list[float]) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                       "ci95": d["ci95"], "colour_w2": colour_w2(colour_moments(images), space._real_colour)})
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    cast_txt = "/".join(f"{v:+.1f}" for v in cast)
+    cast_txt = format_colour_shift(cast)
     lines = [f"# FID sensitivity: {o['model']}, FP samples of `{Path(args.run).name}` perturbed", "",
              f"{stamp} · torch {torch.__version__} · `bench/fid_sensitivity.py {' '.join(argv or sys.argv[1:])}`", "",
              f"{o['num_samples']} FP samples × {o['steps']} steps (seed {o['seed']}; FID {fid_fp:.3f}, equal to the "

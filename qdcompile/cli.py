@@ -152,6 +152,11 @@ def cmd_sample(args) -> int:
         fp = fp_images if pipe is not None else run(lambda **kw: qdcompile.sample(unet, scheduler, **kw))
         rows.insert(0, ("FP", fp))
         print(f"sample PSNR vs FP (same seeds): {psnr_db(fp, quant):.2f} dB")
+        if quant.shape[1] in (1, 3):
+            from .evaluate import colour_shift, format_colour_shift
+
+            print(f"colour shift vs FP (mean per channel, 8-bit levels): "
+                  f"{format_colour_shift(colour_shift(fp, quant))}")
     if args.out:
         if quant.shape[1] not in (1, 3):
             torch.save(quant.cpu(), Path(args.out).with_suffix(".pt"))

@@ -60,7 +60,7 @@ __all__ = [
     "snr_db", "psnr_db", "snr_q", "snr_f",
     "TrajectoryRecorder", "Trajectory", "StepSNR", "step_snr", "summarize_snr",
     "MNIST_FEATURES", "FidelityUnavailable", "register_mnist_feature_extractor", "fid_kid",
-    "frechet_distance", "kernel_distance", "paired_fid_delta", "colour_moments", "colour_w2",
+    "frechet_distance", "kernel_distance", "paired_fid_delta", "colour_moments", "colour_w2", "colour_shift",
     "real_mnist_images", "to_uint8",
     "EvalConfig", "CONFIGS", "NotAvailable", "quantized_model",
     "EvalOptions", "run_quality", "format_table", "write_outputs",
@@ -433,6 +433,16 @@ def colour_moments(images: torch.Tensor) -> torch.Tensor:
     ``[N, 2C]`` float64 (means first). ``images``: uint8 or floats in [0, 1], ``[N, C, H, W]``."""
     x = (images if images.dtype == torch.uint8 else to_uint8(images)).double()
     return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def colour_shift(ref: torch.Tensor, test: torch.Tensor) -> list[float]:
+    """Per channel, the mean of ``test`` minus the mean of ``ref`` in 8-bit levels (images in
+    [0, 1], ``[N, C, H, W]``): a colour cast or brightness change of the whole sample set."""
+    return (255.0 * (test.float().mean(dim=(0, 2, 3)) - ref.float().mean(dim=(0, 2, 3)))).tolist()
+
+
+def format_colour_shift(levels: Sequence[float]) -> str:
+    return "/".join(f"{v:+.1f}" for v in levels)
 
 
 def colour_w2(f1: torch.Tensor, f2: torch.Tensor) -> float:
@@ -1051,8 +1061,7 @@ class _Run:
             row["psnr_vs_fp_db" if self.pixel_space else "sample_snr_vs_fp_db"] = (
                 psnr_db(self.fp, samples) if self.pixel_space else snr_db(self.fp, samples))
             if self.pixel_space:   # colour cast: per-channel mean of the samples minus FP's, 8-bit levels
-                row["colour_shift_vs_fp"] = (255.0 * (samples.mean(dim=(0, 2, 3)) - self.fp.mean(dim=(0, 2, 3)))
-                                             ).tolist()
+                row["colour_shift_vs_fp"] = colour_shift(self.fp, samples)
         if self.space is not None:
             row.update(self.space(images))
         if self.pixel_space and tuple(self.shape) == (1, 28, 28):
@@ -1076,7 +1085,7 @@ _COLUMNS = (
                                        if r.get("min_snr_q_db") is not None else "—")),
     ("colour W2", lambda r: _fmt(r.get("colour_w2"), "{:.2f}")),
     ("PSNR vs FP dB", lambda r: _fmt(r.get("psnr_vs_fp_db", r.get("sample_snr_vs_fp_db")), "{:.2f}")),
-    ("colour shift vs FP", lambda r: ("/".join(f"{v:+.1f}" for v in r["colour_shift_vs_fp"])
+    ("colour shift vs FP", lambda r: (format_colour_shift(r["colour_shift_vs_fp"])
                                       if r.get("colour_shift_vs_fp") else "—")),
     ("digits ≥0.9", lambda r: _fmt(r.get("confident_digits"), "{:.0%}")),
     ("calib s", lambda r: _fmt(r.get("calibration_s"), "{:.1f}")),

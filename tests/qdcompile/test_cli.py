@@ -1,5 +1,7 @@
 """The command line on diffusers folders written with save_pretrained (the real loading code)."""
 
+import re
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ def test_calibrate_then_sample(model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert grid.is_file() and grid.stat().st_size > 100
     assert "sample PSNR vs FP" in out and "51 conv/linear layers: 51 on integer kernels" in out
+    assert re.search(r"colour shift vs FP \(mean per channel, 8-bit levels\): [+-]\d+\.\d$", out, re.M)   # 1 channel
 
 
 def test_bad_inputs_exit_with_a_message(model_dir, tmp_path, capsys):
@@ -104,6 +107,7 @@ def test_stable_diffusion_folder_with_a_prompt(tmp_path, capsys):
                  "--compare-fp", "--out", str(grid), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "sample PSNR vs FP" in out and "on integer kernels" in out
+    assert re.search(r"colour shift vs FP .*: ([+-]\d+\.\d/){2}[+-]\d+\.\d$", out, re.M)   # decoded RGB images
     with Image.open(grid) as im:   # FP and quantized rows of two decoded 16x16 RGB images (2 px gaps, x2, labels)
         assert im.mode == "RGB" and im.size == (2 * 2 * (16 + 2), 2 * (2 * (16 + 2) + 16))
     # what cannot work says why
