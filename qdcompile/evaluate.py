@@ -448,13 +448,14 @@ def format_colour_shift(levels: Sequence[float]) -> str:
 def colour_w2(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """Wasserstein-2 distance, in 8-bit levels, between Gaussians fitted to two sets of
     :func:`colour_moments`: the square root of their Fréchet distance. Zero for equal sets; a
-    uniform brightness shift of ``d`` levels on one channel gives ``d``. A colour cast or a
-    contrast change moves it, while classifier features (what FID sees) are largely blind to both."""
+    uniform brightness shift of ``d`` levels on one channel gives ``d`` (without clipping). It
+    moves with colour casts, which the classifier features behind our FID barely register
+    (``bench/fid_sensitivity.py``)."""
     return math.sqrt(max(frechet_distance(f1, f2), 0.0))
 
 
 def paired_fid_delta(f1: torch.Tensor, f2: torch.Tensor, real: torch.Tensor, boots: int = 200,
-                     seed: int = 0, distance: Callable[[torch.Tensor, torch.Tensor], float] = None
+                     seed: int = 0, distance: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None
                      ) -> dict[str, Any]:
     """``FID(f1) − FID(f2)`` against ``real`` with a paired bootstrap 95% interval.
 
@@ -1139,8 +1140,8 @@ def _notes(results: dict[str, Any]) -> str:
                      "rows, not runs with other sample counts.")
     if results["configs"] and any(r.get("colour_w2") is not None for r in results["configs"]):
         lines.append("Colour W2: Wasserstein-2 distance (8-bit levels) between Gaussians fitted to each image's "
-                     "per-channel mean and std, samples vs the same real images; sees colour casts and contrast "
-                     "changes that classifier features barely register. Colour shift vs FP: mean of each "
+                     "per-channel mean and std, samples vs the same real images; it sees colour casts, which the "
+                     "classifier features behind FID barely register. Colour shift vs FP: mean of each "
                      "channel minus FP's, 8-bit levels.")
     lines.append(f"SNR_Q: PTQD eq. 13 on the inputs of {min(o['snr_samples'], o['num_samples'])} FP trajectories, "
                  "in dB (20 log10 of the norm ratio), mean and min over the "
