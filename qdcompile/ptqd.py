@@ -368,11 +368,16 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
 
     recipe = meta.recipe
     stages = _Stages(checkpoint)
-    recorder = TrajectoryRecorder(recipe.noise_samples)
-    sample(unet, scheduler, num_images=recipe.noise_samples, num_inference_steps=num_inference_steps,
-           generator=torch.Generator().manual_seed(seed + 7919), batch_size=batch_size, sample_kwargs=sample_kwargs,
-           progress=progress, callback=recorder, to_image=False)
-    trajectory = recorder.finish(unet)
+
+    def record(model):
+        """Inputs of ``model``'s sampling trajectories (``model(x_t)`` drives them), with FP's ε̂ on each."""
+        recorder = TrajectoryRecorder(recipe.noise_samples)
+        sample(model, scheduler, num_images=recipe.noise_samples, num_inference_steps=num_inference_steps,
+               generator=torch.Generator().manual_seed(seed + 7919), batch_size=batch_size,
+               sample_kwargs=sample_kwargs, progress=progress, callback=recorder, to_image=False)
+        return recorder.finish(unet)
+
+    trajectory = record(unet)
     channels = eps_channels(unet)
     meta.noise_layer = "conv_out" if "conv_out" in meta.layers else list(meta.layers)[-1]
     if recipe.act_bits_mixed:
@@ -399,8 +404,14 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
                 meta.act_variants[b] = acts
         meta.calibration["precision_plan_counts"] = {f"A{b}": sum(v == b for v in plan.values())
                                                      for b in recipe.act_bits_mixed}
+    if recipe.noise_inputs == "quantized":   # the uncorrected quantized sampler's own trajectories
+        from .pipeline import Corrections, QuantizedUNet
+
+        trajectory = record(QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none(),
+                                          mixed=bool(meta.precision_plan)))
     meta.noise = stages.run("noise", lambda: noise_statistics(unet, meta, trajectory, channels,
                                                               [None, *sorted(meta.act_variants)], progress),
                             _stats_state, _stats_from)
     meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
+                                 "inputs": recipe.noise_inputs,
                                  "scheduler": type(scheduler).__name__, "eps_channels": channels}

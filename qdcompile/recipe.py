@@ -56,6 +56,11 @@ class QuantRecipe:
       if ``SNR_Q > SNR_F · 10^(margin/20)`` (0 = PTQD's rule). Larger margins keep fewer,
       noisier steps at the low width (on the MNIST model 20 dB moves the switch from step 37
       of 50 to about step 24; see ``bench/results/mixed-margin-*``).
+    * ``noise_inputs``: where the inputs of the noise statistics come from. ``"fp"`` (PTQD): FP
+      sampling trajectories. ``"quantized"``: the uncorrected quantized sampler's own trajectories
+      (at the plan's precisions); FP and quantized models still see the same inputs. For plans
+      whose sampler leaves the FP trajectories (many A4 steps) the FP-trajectory statistics stop
+      describing its error (``bench/results/ptqd-corrections-colour-20261122.md``).
     """
 
     name: str = "custom"
@@ -81,6 +86,7 @@ class QuantRecipe:
     noise_samples: int = 32
     act_bits_mixed: tuple[int, ...] = ()
     mixed_margin_db: float = 0.0
+    noise_inputs: str = "fp"
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
@@ -140,6 +146,8 @@ class QuantRecipe:
                 or not math.isfinite(self.mixed_margin_db):
             raise ValueError(f"QuantRecipe.mixed_margin_db must be a finite number of dB, got {self.mixed_margin_db!r}")
         object.__setattr__(self, "mixed_margin_db", float(self.mixed_margin_db))
+        if self.noise_inputs not in ("fp", "quantized"):
+            raise ValueError(f"QuantRecipe.noise_inputs must be 'fp' or 'quantized', got {self.noise_inputs!r}")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads {RECIPE_VERSION})")
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))

@@ -211,6 +211,36 @@ def test_mixed_calibration_stores_variants_statistics_and_plan(mixed):
     assert loaded.act_variants == meta.act_variants
 
 
+def test_noise_statistics_on_the_quantized_samplers_own_trajectories(mixed):
+    from qdcompile.evaluate import TrajectoryRecorder
+    from qdcompile.ptqd import eps_channels, noise_statistics
+    from qdcompile.sampling import sample
+    from tests.tiny_models import scheduler
+
+    _, fp_inputs, _ = mixed
+    recipe = QuantRecipe.mixed(noise_inputs="quantized", **_FAST)
+    meta = calibrate(tiny_unet2d(seed=5), scheduler(), recipe, num_samples=3, num_inference_steps=6, progress=False,
+                     attach=False)
+    # the plan and the quantizers come from the same calibration; only the statistics' inputs differ
+    assert meta.precision_plan == fp_inputs.precision_plan and meta.act_variants == fp_inputs.act_variants
+    assert meta.calibration["noise"]["inputs"] == "quantized" and fp_inputs.calibration["noise"]["inputs"] == "fp"
+    assert meta.noise != fp_inputs.noise
+    # by hand: the uncorrected quantized sampler drives x_t; FP and quantized models are fed the same x_t
+    unet = tiny_unet2d(seed=5)
+    recorder = TrajectoryRecorder(3)
+    sample(QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none()), scheduler(), num_images=3,
+           num_inference_steps=6, generator=torch.Generator().manual_seed(7919), callback=recorder, progress=False,
+           to_image=False)
+    expected = noise_statistics(unet, meta, recorder.finish(unet), eps_channels(unet), [None, 4], progress=False)
+    for bits in (4, 8):
+        for got, want in zip(meta.noise[bits], expected[bits], strict=True):
+            assert got.timestep == want.timestep and got.k == pytest.approx(want.k, abs=1e-6)
+            assert got.mu == pytest.approx(want.mu, rel=1e-4, abs=1e-6) and got.var == pytest.approx(want.var, rel=1e-4)
+    with pytest.raises(ValueError, match="noise_inputs"):
+        QuantRecipe.mixed(noise_inputs="real")
+    assert QuantRecipe.from_json(recipe.to_json()).noise_inputs == "quantized"
+
+
 def test_metadata_rejects_a_plan_with_an_unknown_precision(mixed, tmp_path):
     import dataclasses
 
