@@ -60,7 +60,8 @@ class QuantRecipe:
       sampling trajectories. ``"quantized"``: the uncorrected quantized sampler's own trajectories
       (at the plan's precisions); FP and quantized models still see the same inputs. For plans
       whose sampler leaves the FP trajectories (many A4 steps) the FP-trajectory statistics stop
-      describing its error (``bench/results/ptqd-corrections-colour-20261122.md``).
+      describing its error; measured on the MNIST margin-0 plan it did not make the corrections
+      help (``bench/results/ptqd-corrections-colour-20261122.md``).
     """
 
     name: str = "custom"
