@@ -220,6 +220,8 @@ class StepSNR:
     snr_q_db: float              # 20·log10(snr_q)
     snr_f: Optional[float]       # ᾱ/(1−ᾱ)
     snr_f_db: Optional[float]    # 10·log10(snr_f)
+    # the same for the ε the scheduler step uses (after its x0 clipping and the model's corrections)
+    snr_q_sampler_db: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()}
@@ -231,33 +233,53 @@ def step_snr(trajectory: Trajectory, quant_model: torch.nn.Module | EpsModel, sc
 
     ``quant_model`` is a U-Net (e.g. ``torch.compile(unet, backend="qdiff")`` or a model inside
     :func:`qdcompile.simulate.simulate`) or any callable ``(x, t, kwargs) -> ε̂``. Energies are
-    summed over the recorded images of a step before the ratio is taken.
+    summed over the recorded images of a step before the ratio is taken. ``snr_q_db`` compares the
+    U-Net outputs; ``snr_q_sampler_db`` the ε the scheduler's step uses (after a DDPM/DDIM x0
+    clipping, and after a :class:`~qdcompile.pipeline.QuantizedUNet`'s sampler-space corrections).
     """
+    from .pipeline import unwrap_scheduler
+    from .ptqd import effective_eps
+
+    scheduler = unwrap_scheduler(scheduler)
     fn = _eps_fn(quant_model)
+    used = getattr(quant_model, "sampler_eps", None)
     acc: dict[int, list] = {}
     for s in trajectory.steps:
         if s.eps is None:
             raise ValueError("trajectory has no FP predictions: build it with TrajectoryRecorder.finish(fp_model)")
-        eps_q = fn(s.x, s.timestep, s.kwargs).detach().double().cpu()
-        e = s.eps.double()
-        entry = acc.setdefault(s.step, [int(s.timestep), 0.0, 0.0])
+        out_q = fn(s.x, s.timestep, s.kwargs).detach()
+        eps_q, e = out_q.double().cpu(), s.eps.double()
+        c = s.x.shape[1]
+        x = s.x.double()
+        e_used = effective_eps(scheduler, x, s.timestep, e[:, :c])
+        q_used = (used(scheduler, out_q, s.timestep, s.x.to(out_q.device)).detach().double().cpu()[:, :c]
+                  if used is not None else effective_eps(scheduler, x, s.timestep, eps_q[:, :c]))
+        entry = acc.setdefault(s.step, [int(s.timestep), 0.0, 0.0, 0.0, 0.0])
         entry[1] += float(e.pow(2).sum())
         entry[2] += float((eps_q - e).pow(2).sum())
+        entry[3] += float(e_used.pow(2).sum())
+        entry[4] += float((q_used - e_used).pow(2).sum())
     out = []
     for step in sorted(acc):
-        t, signal, noise = acc[step]
+        t, signal, noise, signal_used, noise_used = acc[step]
         ratio = math.inf if noise == 0 else math.sqrt(signal / noise)
+        ratio_used = math.inf if noise_used == 0 else math.sqrt(signal_used / noise_used)
         f = snr_f(scheduler, t)
-        out.append(StepSNR(step, t, ratio, _db(ratio, power=False), f, _db(f, power=True)))
+        out.append(StepSNR(step, t, ratio, _db(ratio, power=False), f, _db(f, power=True),
+                           _db(ratio_used, power=False)))
     return out
 
 
 def summarize_snr(steps: Sequence[StepSNR]) -> dict[str, Any]:
     """Mean and min SNR_Q in dB over steps, and the steps where PTQD's ``SNR_Q > SNR_F`` fails."""
-    finite = [s.snr_q_db for s in steps if math.isfinite(s.snr_q_db)]
+    def mean(values: list) -> Optional[float]:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else (math.inf if values else None)
+
     below = [s.step for s in steps if s.snr_f is not None and not s.snr_q > s.snr_f]
     return {
-        "mean_snr_q_db": sum(finite) / len(finite) if finite else (math.inf if steps else None),
+        "mean_snr_q_db": mean([s.snr_q_db for s in steps]),
+        "mean_snr_q_sampler_db": mean([s.snr_q_sampler_db for s in steps if s.snr_q_sampler_db is not None]),
         "min_snr_q_db": min((s.snr_q_db for s in steps), default=None),
         "min_snr_q_step": min(steps, key=lambda s: s.snr_q_db).step if steps else None,
         "steps_snr_q_below_snr_f": below,
@@ -744,8 +766,11 @@ def correlated_snr_check(rows: Sequence[dict[str, Any]]) -> None:
         raw = next((by_key[k] for k in uncorrected_counterparts(r["key"]) if k in by_key), None)
         if raw is None or not cfg.corrections[0] or "ptqd_steps" not in r:
             continue
-        corrected = {s["step"]: s["snr_q_db"] for s in r["snr_steps"]}
-        before = {s["step"]: s["snr_q_db"] for s in raw["snr_steps"]}
+        # the SNR of the ε the sampler uses: sampler-space corrections act after the x0 clipping
+        key = "snr_q_sampler_db" if all(s.get("snr_q_sampler_db") is not None
+                                        for s in r["snr_steps"] + raw["snr_steps"]) else "snr_q_db"
+        corrected = {s["step"]: s[key] for s in r["snr_steps"]}
+        before = {s["step"]: s[key] for s in raw["snr_steps"]}
         steps = [s["step"] for s in r["ptqd_steps"] if (s.get("k") or 0.0) > 0 and s["step"] in corrected]
         gains = [corrected[i] - before[i] for i in steps]
         r["snr_where_k_positive"] = {"vs": raw["key"], "steps": steps, "raised": [i for i, g in zip(steps, gains)
@@ -1039,6 +1064,7 @@ class _Run:
                 row["precision_plan"] = [[r["step"], r["timestep"], r["act_bits"]] for r in plan]
                 row["ptqd_steps"] = [{k: _json_number(v) for k, v in r.items()} for r in plan]   # k, bias, σ_q², σ'²
                 row["corrections"] = qm.corrections.label()
+                row["noise_space"] = meta.noise_space
             t0 = time.perf_counter()
             snr = step_snr(self.trajectory, qm, self.scheduler)
             row["snr_s"] = time.perf_counter() - t0
@@ -1082,6 +1108,7 @@ _COLUMNS = (
     ("KID (mean ± std)", lambda r: (f"{r['kid_mean']:.4f} ± {r['kid_std']:.4f}" if r.get("kid_mean") is not None
                                     else "—")),
     ("mean SNR_Q dB", lambda r: _fmt(r.get("mean_snr_q_db"), "{:.1f}")),
+    ("mean SNR_Q dB (sampler)", lambda r: _fmt(r.get("mean_snr_q_sampler_db"), "{:.1f}")),
     ("min SNR_Q dB (step)", lambda r: (f"{r['min_snr_q_db']:.1f} ({r['min_snr_q_step']})"
                                        if r.get("min_snr_q_db") is not None else "—")),
     ("colour W2", lambda r: _fmt(r.get("colour_w2"), "{:.2f}")),
@@ -1145,7 +1172,9 @@ def _notes(results: dict[str, Any]) -> str:
                      "channel minus FP's, 8-bit levels.")
     lines.append(f"SNR_Q: PTQD eq. 13 on the inputs of {min(o['snr_samples'], o['num_samples'])} FP trajectories, "
                  "in dB (20 log10 of the norm ratio), mean and min over the "
-                 f"{o['steps']} steps (step 0 = noisiest). PSNR: quantized vs FP samples from the same seeds.")
+                 f"{o['steps']} steps (step 0 = noisiest), of the U-Net outputs and (sampler) of the ε the scheduler "
+                 "step uses: after its x0 clipping (DDPM/DDIM clip_sample) and any correction applied there. "
+                 "PSNR: quantized vs FP samples from the same seeds.")
     return "\n".join(lines)
 
 
@@ -1171,6 +1200,11 @@ def _markdown(results: dict[str, Any]) -> str:
         from .pipeline import format_plan_runs
 
         lines += [f"* {label} — corrections {corr}: {format_plan_runs(plan)}" for label, plan, corr in plans]
+        spaces = {r.get("noise_space") for r in results["configs"] if r.get("precision_plan")} - {None}
+        if spaces:
+            lines += ["", "k and bias corrected " + " / ".join(
+                "in the scheduler step, after its x0 clipping (statistics of the ε it uses)" if sp == "sampler" else
+                "on the U-Net output (statistics of the output)" for sp in sorted(spaces)) + "."]
     colour = [(r["label"].strip(), d) for r in results["configs"] for d in r.get("colour_delta", [])]
     if colour:
         lines += ["", "Δ colour W2 (paired bootstrap, 95% interval):", ""]
@@ -1179,8 +1213,8 @@ def _markdown(results: dict[str, Any]) -> str:
     checks = [(r["label"].strip(), r["snr_where_k_positive"]) for r in results["configs"]
               if r.get("snr_where_k_positive")]
     if checks:
-        lines += ["", "Correlated-noise correction, SNR_Q at the steps where k > 0 (vs the uncorrected row, same "
-                  "FP trajectories):", ""]
+        lines += ["", "Correlated-noise correction, SNR_Q (sampler) at the steps where k > 0 (vs the uncorrected "
+                  "row, same FP trajectories):", ""]
         for label, c in checks:
             lines.append(f"* {label}: k = 0 at every step" if not c["steps"] else
                          f"* {label}: k > 0 at {len(c['steps'])} step(s) {c['steps']}; SNR_Q raised at "

@@ -23,8 +23,11 @@ import torch
 from .recipe import QuantRecipe
 
 FORMAT_NAME = "qdcompile.quant_metadata"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)   # 2 added activation variants, PTQD noise statistics and the precision plan
+FORMAT_VERSION = 3
+# 2 added activation variants, PTQD noise statistics and the precision plan; 3 the space of the
+# noise statistics (a version-2 reader would apply sampler-space statistics to the U-Net output)
+READABLE_VERSIONS = (1, 2, 3)
+NOISE_SPACES = ("output", "sampler")
 
 
 class MetadataError(ValueError):
@@ -173,6 +176,9 @@ class QuantMetadata:
     # PTQD statistics: activation bit width → per time step (see qdcompile.ptqd.StepNoise)
     noise: dict[int, list[Any]] = field(default_factory=dict)
     noise_layer: str | None = None                   # the last conv, whose epilogue applies the correction
+    # what the statistics describe: "output" (the U-Net's ε, corrected in noise_layer's epilogue) or
+    # "sampler" (the ε the scheduler step uses after clipping its x0 prediction, corrected there)
+    noise_space: str | None = None
     precision_plan: list[tuple[int, int]] = field(default_factory=list)   # (timestep, act bits)
 
     def __iter__(self) -> Iterator[str]:
@@ -258,6 +264,7 @@ class QuantMetadata:
                                   for b, v in self.act_variants.items()}
         header["noise"] = {str(b): [s.to_dict() for s in steps] for b, steps in self.noise.items()}
         header["noise_layer"] = self.noise_layer
+        header["noise_space"] = self.noise_space
         header["precision_plan"] = [list(e) for e in self.precision_plan]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -364,6 +371,7 @@ def load_metadata(path: str | os.PathLike) -> QuantMetadata:
                                noise={int(b): [StepNoise.from_dict(d) for d in steps]
                                       for b, steps in header.get("noise", {}).items()},
                                noise_layer=header.get("noise_layer"),
+                               noise_space=header.get("noise_space") or ("output" if header.get("noise") else None),
                                precision_plan=[(int(t), int(b)) for t, b in header.get("precision_plan", [])])
         validate_variants(result)
         return result
@@ -411,6 +419,8 @@ def validate_variants(meta: QuantMetadata) -> None:
                                 f"{['A%d' % b for b in sorted(known)]}")
     if meta.noise and meta.noise_layer not in meta.layers:
         raise MetadataError(f"PTQD statistics name layer {meta.noise_layer!r} for the correction; it has no record")
+    if meta.noise and meta.noise_space not in NOISE_SPACES:
+        raise MetadataError(f"PTQD statistics are in space {meta.noise_space!r}; expected one of {NOISE_SPACES}")
 
 
 def validate_layer(name: str, rec: LayerQuant) -> None:

@@ -8,7 +8,11 @@ recompiles after warm-up) and applies the PTQD correction of that precision and 
 inside the last conv's epilogue when the model is compiled, as an elementwise map otherwise.
 
 :class:`CorrectedScheduler` wraps a diffusers scheduler and applies variance schedule
-calibration in its ``step`` (DDPM; DDIM with ``eta > 0``).
+calibration in its ``step`` (DDPM; DDIM with ``eta > 0``). When the statistics describe the ε
+the scheduler uses after clipping its x0 prediction (``meta.noise_space == "sampler"``, the
+default for ``clip_sample`` schedulers), the k and bias corrections also run there, after the
+clipping, instead of in the U-Net: sample through :meth:`QuantizedUNet.sample`,
+:meth:`QuantizedUNet.wrap_scheduler` or :func:`quantize_pipeline`, not the bare U-Net.
 
 :func:`quantize_pipeline` puts both into a ``DDPMPipeline`` / ``DDIMPipeline`` /
 ``StableDiffusionPipeline`` (any pipeline with ``unet`` and ``scheduler``), after which
@@ -28,7 +32,7 @@ from torch import nn
 
 from .metadata import MetadataError, QuantMetadata
 from .passes import registry
-from .ptqd import VSCUnsupported, calibrated_sigma, eps_channels, scheduler_kind
+from .ptqd import VSCUnsupported, calibrated_sigma, clips_x0, effective_eps, eps_channels, scheduler_kind
 from .sampling import unwrap
 
 logger = logging.getLogger(__name__)
@@ -131,17 +135,33 @@ class QuantizedUNet(nn.Module):
     def noise_at(self, timestep: int):
         return self.meta.noise_at(self.bits_at(timestep), timestep)
 
+    @property
+    def corrects_in_sampler(self) -> bool:
+        """True when k and bias are corrected in the scheduler step, after its x0 clipping."""
+        return self.meta.noise_space == "sampler"
+
     def affine_at(self, timestep: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         c = self.corrections
         if not (c.correlated or c.bias):
             return None
         return self.noise_at(timestep).affine(bias_correction=c.bias, correlated=c.correlated)
 
+    def sampler_eps(self, scheduler, model_output, timestep, sample: torch.Tensor):
+        """``model_output`` (this model's output at ``timestep`` for ``sample`` = x_t) as the
+        scheduler's step will use it: the ε channels replaced by the ε of the clipped x0
+        prediction (:func:`qdcompile.ptqd.effective_eps`) and, for sampler-space statistics,
+        corrected (k, bias) there. Output-space corrections are already in ``model_output``."""
+        t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
+        sched = unwrap_scheduler(scheduler)
+        affine = self.affine_at(t) if self.corrects_in_sampler else None
+        return self._apply(model_output, affine,
+                           lambda eps: effective_eps(sched, sample.to(eps.device), t, eps))
+
     def forward(self, sample: torch.Tensor, timestep, *args, **kwargs):
         t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
         bits = self.bits_at(t)
         self.trace.append((t, bits))
-        affine = self.affine_at(t)
+        affine = None if self.corrects_in_sampler else self.affine_at(t)
         key = None if bits == self.meta.default_act_bits else bits
         if self.backend == "simulate":
             from .simulate import simulate
@@ -160,14 +180,18 @@ class QuantizedUNet(nn.Module):
             out = self.model(sample, timestep, *args, **kwargs)
         return self._apply(out, affine)
 
-    def _apply(self, out, affine):
-        """The correction as an elementwise map (models without the fused epilogue)."""
-        if affine is None:
+    def _apply(self, out, affine, before=None):
+        """The correction as an elementwise map on the ε channels of ``out`` (models without the
+        fused epilogue; sampler-space corrections), after ``before(ε)`` when given."""
+        if affine is None and before is None:
             return out
         eps = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
-        a, b = (v.to(eps.device, torch.float32).view(1, -1, *([1] * (eps.dim() - 2))) for v in affine)
         c = self.channels
-        fixed = torch.cat([(eps[:, :c].float() * a + b).to(eps.dtype), eps[:, c:]], dim=1)
+        head = eps[:, :c] if before is None else before(eps[:, :c])
+        if affine is not None:
+            a, b = (v.to(eps.device, torch.float32).view(1, -1, *([1] * (eps.dim() - 2))) for v in affine)
+            head = (head.float() * a + b).to(eps.dtype)
+        fixed = torch.cat([head, eps[:, c:]], dim=1)
         if hasattr(out, "sample"):
             out.sample = fixed
             return out
@@ -202,10 +226,20 @@ class QuantizedUNet(nn.Module):
     def format_plan(self, scheduler, num_inference_steps: int, eta: float = 0.0) -> str:
         rows = self.plan(scheduler, num_inference_steps, eta)
         rule = ""
+        where = ""
+        if self.corrections.correlated or self.corrections.bias:
+            if not self.corrects_in_sampler:
+                where = " (k, bias: on the U-Net output)"
+            elif clips_x0(unwrap_scheduler(scheduler)):
+                where = " (k, bias: in the scheduler step, after its x0 clipping)"
+            else:
+                where = (f" (k, bias: statistics taken after DDPM's x0 clipping, but {type(unwrap_scheduler(scheduler)).__name__}"
+                         " does not clip: applied to the raw output; recalibrate with this scheduler)")
         if self.mixed:
             m = self.meta.recipe.mixed_margin_db
             rule = ", rule SNR_Q > SNR_F" + (f" * 10^({m:g}/20)" if m else " (PTQD)")
-        lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}{rule}, corrections {self.corrections.label()}):"]
+        lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}{rule}, corrections "
+                 f"{self.corrections.label()}{where}):"]
         w = self.meta.recipe.weight_bits
         lines.append(f"  W{w}: " + format_plan_runs([(r["step"], r["timestep"], r["act_bits"]) for r in rows]))
         counts = {b: sum(r["act_bits"] == b for r in rows) for b in sorted({r["act_bits"] for r in rows})}
@@ -263,7 +297,8 @@ def unwrap_scheduler(scheduler):
 
 
 class CorrectedScheduler:
-    """A diffusers scheduler whose ``step`` uses PTQD's calibrated variance ``σ'_t``.
+    """A diffusers scheduler whose ``step`` uses PTQD's calibrated variance ``σ'_t`` and, for
+    sampler-space statistics, applies the k and bias corrections after its x0 clipping.
 
     Everything else is the wrapped scheduler's. DDPM (fixed variance types): the step's noise
     variance becomes ``σ'_t²``; DDIM: ``eta`` is rescaled so its noise has ``σ'_t``. Other
@@ -305,6 +340,13 @@ class CorrectedScheduler:
     def _step(self, model_output, timestep, sample, *args, **kwargs):
         t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
         kind = scheduler_kind(self.inner)
+        if self.unet.corrects_in_sampler and self.unet.affine_at(t) is not None:
+            if not clips_x0(self.inner) and not self.__dict__.get("_warned_space"):
+                logger.warning("the PTQD statistics were taken after x0 clipping, but this %s does not clip its x0 "
+                               "prediction: corrections applied to the raw output (recalibrate with this scheduler)",
+                               type(self.inner).__name__)
+                self.__dict__["_warned_space"] = True
+            model_output = self.unet.sampler_eps(self.inner, model_output, timestep, sample)
         self.__dict__["last_sigma2"] = None
         if kind == "ddpm":
             sig = self._calibrated(t, 0.0)

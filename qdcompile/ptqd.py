@@ -166,6 +166,36 @@ def scheduler_kind(scheduler) -> str:
     return "other"
 
 
+def clips_x0(scheduler) -> bool:
+    """Whether ``scheduler``'s step sees the U-Net's ε only through a clipped or thresholded x0
+    prediction: a DDPM ε-prediction scheduler with ``clip_sample`` or ``thresholding``. Its update
+    is then linear in the ε recomputed from the processed x0 (:func:`effective_eps`), not in the
+    U-Net's output. (DDIM clips the x0 term but, unless ``use_clipped_model_output``, keeps the raw
+    ε in its direction term: no single ε describes its step, so it counts as not clipping.)"""
+    cfg = scheduler.config
+    return (scheduler_kind(scheduler) == "ddpm" and getattr(cfg, "prediction_type", "epsilon") == "epsilon"
+            and bool(getattr(cfg, "thresholding", False) or getattr(cfg, "clip_sample", False)))
+
+
+def effective_eps(scheduler, sample: torch.Tensor, timestep, eps: torch.Tensor) -> torch.Tensor:
+    """The ε a clipping DDPM step effectively uses for ``eps`` (the ε channels) at ``sample`` = x_t:
+    ``(x_t − √ᾱ_t·x̂0') / √(1 − ᾱ_t)`` with ``x̂0'`` the scheduler's clipped / thresholded x0
+    prediction (the step's posterior mean is linear in it). ``eps`` unchanged when the scheduler
+    does not clip (:func:`clips_x0`)."""
+    if not clips_x0(scheduler):
+        return eps
+    cfg = scheduler.config
+    a_t = float(scheduler.alphas_cumprod[int(timestep)])
+    sa, sb = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+    x, e = sample.float(), eps.float()
+    x0 = (x - sb * e) / sa
+    if cfg.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    else:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    return ((x - sa * x0) / sb).to(eps.dtype)
+
+
 def _check_epsilon(scheduler) -> None:
     pred = getattr(scheduler.config, "prediction_type", "epsilon")
     if pred != "epsilon":
@@ -295,13 +325,18 @@ def calibrate_activations(unet, calib, records: dict[str, Any], bits: int, recip
 
 @torch.no_grad()
 def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence[Optional[int]],
-                     progress: bool = True) -> dict[int, list[StepNoise]]:
+                     progress: bool = True, scheduler=None) -> dict[int, list[StepNoise]]:
     """Per precision, per time step of ``trajectory`` (inputs with FP predictions): PTQD stats
-    of the fake-quantized model against FP, over all images of the step."""
+    of the fake-quantized model against FP, over all images of the step. With ``scheduler``,
+    of the ε its step uses (:func:`effective_eps`: after its x0 clipping) rather than of the
+    U-Net's output; the trajectory inputs are then x_t (DDPM/DDIM do not scale them)."""
     from tqdm.auto import tqdm
 
     from .sampling import call_unet
     from .simulate import simulate
+
+    def used(x, t, e):
+        return e if scheduler is None else effective_eps(scheduler, x, t, e)
 
     p = next(unet.parameters())
     out: dict[int, list[StepNoise]] = {}
@@ -313,8 +348,9 @@ def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence
                 kw = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in s.kwargs.items()}
                 eps_q = call_unet(unet, s.x.to(p.device, p.dtype), s.timestep.to(p.device), kw).float().cpu()
                 e, q = by_t.setdefault(int(s.timestep), ([], []))
-                e.append(s.eps[:, :channels])
-                q.append(eps_q[:, :channels])
+                x = s.x.float()
+                e.append(used(x, s.timestep, s.eps[:, :channels].float()))
+                q.append(used(x, s.timestep, eps_q[:, :channels]))
         key = meta.default_act_bits if bits is None else bits
         out[key] = [estimate_noise(torch.cat(e), torch.cat(q), t) for t, (e, q) in sorted(by_t.items(), reverse=True)]
     return out
@@ -409,9 +445,11 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
 
         trajectory = record(QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none(),
                                           mixed=bool(meta.precision_plan)))
-    meta.noise = stages.run("noise", lambda: noise_statistics(unet, meta, trajectory, channels,
-                                                              [None, *sorted(meta.act_variants)], progress),
-                            _stats_state, _stats_from)
+    meta.noise_space = "sampler" if recipe.noise_space == "sampler" and clips_x0(scheduler) else "output"
+    space = scheduler if meta.noise_space == "sampler" else None
+    meta.noise = stages.run(f"noise_{meta.noise_space}", lambda: noise_statistics(
+        unet, meta, trajectory, channels, [None, *sorted(meta.act_variants)], progress, scheduler=space),
+        _stats_state, _stats_from)
     meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
-                                 "inputs": recipe.noise_inputs,
+                                 "inputs": recipe.noise_inputs, "space": meta.noise_space,
                                  "scheduler": type(scheduler).__name__, "eps_channels": channels}

@@ -62,6 +62,16 @@ class QuantRecipe:
       whose sampler leaves the FP trajectories (many A4 steps) the FP-trajectory statistics stop
       describing its error; measured on the MNIST margin-0 plan it did not make the corrections
       help (``bench/results/ptqd-corrections-colour-20261122.md``).
+    * ``noise_space``: which ε the statistics describe and the corrections act on. ``"sampler"``
+      (default): the ε the scheduler's step actually uses — for DDPM/DDIM schedulers that clip or
+      threshold their x0 prediction (``clip_sample``), the ε recomputed from the clipped x0;
+      the corrections then run inside the scheduler step, after the clipping. With other
+      schedulers it is the U-Net's output, corrected in the last conv's epilogue. ``"output"``:
+      always the U-Net's output (PTQD as published; before the clipping). Clipping rectifies
+      quantization noise (errors that push x0 past ±1 vanish, the others stay), so the output's
+      mean error can have the opposite sign of the error the sampler sees: on the MNIST mixed
+      plan ``"output"`` made samples brighter and worse, ``"sampler"`` removed the brightening
+      (``bench/results/ptqd-sampler-space-*``).
     """
 
     name: str = "custom"
@@ -88,6 +98,7 @@ class QuantRecipe:
     act_bits_mixed: tuple[int, ...] = ()
     mixed_margin_db: float = 0.0
     noise_inputs: str = "fp"
+    noise_space: str = "sampler"
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
@@ -149,6 +160,8 @@ class QuantRecipe:
         object.__setattr__(self, "mixed_margin_db", float(self.mixed_margin_db))
         if self.noise_inputs not in ("fp", "quantized"):
             raise ValueError(f"QuantRecipe.noise_inputs must be 'fp' or 'quantized', got {self.noise_inputs!r}")
+        if self.noise_space not in ("sampler", "output"):
+            raise ValueError(f"QuantRecipe.noise_space must be 'sampler' or 'output', got {self.noise_space!r}")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads {RECIPE_VERSION})")
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))

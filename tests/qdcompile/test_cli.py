@@ -75,7 +75,9 @@ def test_sample_with_mixed_metadata_prints_the_plan(model_dir, tmp_path, capsys)
     assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--num-images", "2", "--steps", "4",
                  "--scheduler", "ddim", "--eta", "0.5", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "precision plan (mixed, rule SNR_Q > SNR_F (PTQD), corrections k+bias+VSC)" in out
+    assert "precision plan (mixed, rule SNR_Q > SNR_F (PTQD), corrections k+bias+VSC" in out
+    # calibrated on the clipping DDPM scheduler, sampled with DDIM: said, not silently mixed up
+    assert "DDIMScheduler does not clip" in out
     used = {b for _, b in meta.precision_plan}
     assert all(f"A{b}: " in out for b in used) and "correlated-noise k" in out
     # both ways to give the quantization, or eta without DDIM: clear errors

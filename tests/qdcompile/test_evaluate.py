@@ -320,7 +320,7 @@ def test_eval_ptqd_rows_compare_with_their_uncorrected_row(model28, tmp_path, ca
     check = rows["ptqd"]["snr_where_k_positive"]
     assert check["vs"] == "ptqd-raw" and set(check["raised"]) <= set(check["steps"]) <= {0, 1, 2}
     md = next(out.glob("quality-*.md")).read_text()
-    assert "Δ colour W2" in md and "SNR_Q at the steps where k > 0" in md
+    assert "Δ colour W2" in md and "SNR_Q (sampler) at the steps where k > 0" in md
 
 
 def test_eval_command_reports_unavailable_configs(model28, tmp_path, monkeypatch, capsys):

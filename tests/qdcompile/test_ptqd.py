@@ -12,7 +12,7 @@ from qdcompile import QuantRecipe, calibrate, load_metadata
 from qdcompile.metadata import MetadataError
 from qdcompile.pipeline import Corrections, CorrectedScheduler, QuantizedUNet, quantize_pipeline
 from qdcompile.ptqd import (StepNoise, calibrated_sigma, choose_bits, ddim_c, ddim_sigma2, ddpm_c, ddpm_sigma2,
-                            estimate_noise)
+                            effective_eps, estimate_noise)
 from tests.equivalence import rel
 from tests.tiny_models import tiny_unet2d
 
@@ -143,7 +143,7 @@ def _constant_step_variance(sched, unet_stub, t, k, mu, sigma_q, n=400_000, **st
 
 def _stub(k, mu, var):
     stats = StepNoise(0, k, (mu,), var, 1.0, 1.0)
-    return SimpleNamespace(corrections=Corrections(), meta=SimpleNamespace(noise={8: [stats]}),
+    return SimpleNamespace(corrections=Corrections(), meta=SimpleNamespace(noise={8: [stats]}), corrects_in_sampler=False,
                            noise_at=lambda t: stats)
 
 
@@ -184,6 +184,70 @@ def test_vsc_cannot_absorb_more_than_the_schedule_and_skips_deterministic_steps(
 
 # ---------------------------------------------------------------------------- calibrated model
 _FAST = dict(recon_iters=8, act_lsq_iters=4, recon_batch_size=8, noise_samples=3)
+
+
+# ---------------------------------------------------------------------------- the ε a clipping sampler uses
+def _clipping(kind, **kw):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    s = (DDPMScheduler if kind == "ddpm" else DDIMScheduler)(num_train_timesteps=1000, **kw)
+    s.set_timesteps(10)
+    return s
+
+
+@pytest.mark.parametrize("kw", [{}, {"thresholding": True}, {"clip_sample_range": 0.5}])
+def test_effective_eps_is_the_eps_the_step_uses(kw):
+    """Feeding the DDPM step ``effective_eps`` instead of the U-Net output changes nothing; it
+    differs from the output exactly where the scheduler clips x0."""
+    s = _clipping("ddpm", **kw)
+    t = int(s.timesteps[3])
+    x, eps = torch.randn(4, 1, 8, 8), 1.5 * torch.randn(4, 1, 8, 8)
+    eff = effective_eps(s, x, t, eps)
+    run = lambda e: s.step(e, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert torch.allclose(run(eff), run(eps), atol=1e-5)
+    a = float(s.alphas_cumprod[t])
+    x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+    if not kw:
+        clipped = x0.abs() > 1
+        assert clipped.any() and (~clipped).any()
+        assert torch.allclose(eff[~clipped], eps[~clipped], atol=1e-5)
+        assert (eff[clipped] - eps[clipped]).abs().min() > 0
+    # no clipping, or DDIM (its direction term keeps the raw ε): the output itself
+    for other in (_ddpm(), _clipping("ddim")):
+        assert torch.equal(effective_eps(other, x, t, eps), eps)
+
+
+def test_bias_hidden_by_clipping_is_corrected_in_the_sampler_space():
+    """Quantization error that only pushes already-clipped x0 further out is invisible to the
+    sampler; error elsewhere is not. The output's channel mean has the sign of the first, the
+    sampler-space mean that of the second: only the sampler-space correction brings x_{t-1}
+    closer to FP's."""
+    s = _clipping("ddpm")
+    t = int(s.timesteps[4])
+    a = float(s.alphas_cumprod[t])
+    g = torch.Generator().manual_seed(0)
+    # MNIST-like x0: background just above -1, strokes; FP predicts the true ε
+    strokes = torch.rand(64, 1, 8, 8, generator=g) < 0.4
+    x0 = torch.where(strokes, 0.3 + 0.5 * torch.rand(64, 1, 8, 8, generator=g), torch.tensor(-0.98))
+    eps = torch.randn(64, 1, 8, 8, generator=g)
+    x = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+    # +0.8 on the background (pushes its x0 below -1: clipped away), -0.2 on strokes (brightens them)
+    eps_q = eps + torch.where(strokes, -0.2, 0.8) + 0.02 * torch.randn(eps.shape, generator=g)
+    out = estimate_noise(eps, eps_q, t)
+    used = estimate_noise(effective_eps(s, x, t, eps), effective_eps(s, x, t, eps_q), t)
+    assert out.mu[0] > 0.3 and used.mu[0] < -0.03   # opposite signs
+
+    def prev(e):
+        return s.step(e, t, x, generator=torch.Generator().manual_seed(3)).prev_sample
+
+    def err(e):
+        return float((prev(e) - prev(eps)).pow(2).mean())
+
+    a_o, b_o = out.affine()
+    a_s, b_s = used.affine()
+    on_output = eps_q * a_o.float() + b_o.float()
+    in_sampler = effective_eps(s, x, t, eps_q) * a_s.float() + b_s.float()
+    assert err(on_output) > err(eps_q) > 2 * err(in_sampler)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +295,8 @@ def test_noise_statistics_on_the_quantized_samplers_own_trajectories(mixed):
     sample(QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none()), scheduler(), num_images=3,
            num_inference_steps=6, generator=torch.Generator().manual_seed(7919), callback=recorder, progress=False,
            to_image=False)
-    expected = noise_statistics(unet, meta, recorder.finish(unet), eps_channels(unet), [None, 4], progress=False)
+    expected = noise_statistics(unet, meta, recorder.finish(unet), eps_channels(unet), [None, 4], progress=False,
+                                scheduler=scheduler())   # the ε the (clipping) DDPM step uses
     for bits in (4, 8):
         for got, want in zip(meta.noise[bits], expected[bits], strict=True):
             assert got.timestep == want.timestep and got.k == pytest.approx(want.k, abs=1e-6)
@@ -239,6 +304,61 @@ def test_noise_statistics_on_the_quantized_samplers_own_trajectories(mixed):
     with pytest.raises(ValueError, match="noise_inputs"):
         QuantRecipe.mixed(noise_inputs="real")
     assert QuantRecipe.from_json(recipe.to_json()).noise_inputs == "quantized"
+
+
+def test_sampler_space_corrections_run_in_the_scheduler_step(mixed):
+    """With a clipping DDPM scheduler the statistics describe the ε its step uses; the U-Net output
+    stays uncorrected and the scheduler step corrects the ε of the clipped x0."""
+    from tests.tiny_models import scheduler
+
+    unet, meta, path = mixed
+    assert meta.noise_space == "sampler" and meta.calibration["noise"]["space"] == "sampler"
+    assert load_metadata(path).noise_space == "sampler"
+    corr = Corrections(True, True, False)
+    q = QuantizedUNet(unet, meta, backend="simulate", corrections=corr)
+    raw = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none())
+    sched = scheduler()
+    sched.set_timesteps(6)
+    x = 2 * torch.randn(2, 1, 16, 16)
+    for t in (int(sched.timesteps[0]), int(sched.timesteps[-2])):
+        tt = torch.tensor(t)
+        with torch.no_grad():
+            out, ref = q(x, tt).sample, raw(x, tt).sample
+        assert torch.equal(out, ref)
+        a, b = meta.noise_at(q.bits_at(t), t).affine()
+        want_eps = effective_eps(sched, x, t, ref) * a.float() + b.float()
+        assert not torch.allclose(want_eps, ref * a.float() + b.float(), atol=1e-4)   # clipping matters here
+        got = q.wrap_scheduler(sched).step(out, tt, x, generator=torch.Generator().manual_seed(2)).prev_sample
+        want = sched.step(want_eps, tt, x, generator=torch.Generator().manual_seed(2)).prev_sample
+        assert torch.allclose(got, want, atol=1e-5)
+    assert "after its x0 clipping" in q.format_plan(sched, 6)
+
+
+def test_metadata_noise_space_round_trip_and_older_files(mixed, tmp_path):
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, meta, path = mixed
+
+    def rewrite(fn, version):
+        with safe_open(str(path), framework="pt") as f:
+            header_meta = dict(f.metadata())
+        header = json.loads(header_meta["header"])
+        fn(header)
+        out = tmp_path / f"edited-{version}.qdiff"
+        save_file(load_file(str(path)), str(out), metadata={**header_meta, "header": json.dumps(header),
+                                                            "format_version": version})
+        return out
+
+    # a version-2 file (no noise_space) was corrected on the U-Net output
+    assert load_metadata(rewrite(lambda h: h.pop("noise_space"), "2")).noise_space == "output"
+    with pytest.raises(MetadataError, match="space 'latent'"):
+        load_metadata(rewrite(lambda h: h.update(noise_space="latent"), "3"))
+    out = dataclasses.replace(meta, noise_space="output").save(tmp_path / "out.qdiff")
+    assert load_metadata(out).noise_space == "output"
 
 
 def test_metadata_rejects_a_plan_with_an_unknown_precision(mixed, tmp_path):
@@ -254,7 +374,10 @@ def test_metadata_rejects_a_plan_with_an_unknown_precision(mixed, tmp_path):
 def test_fused_correction_matches_the_elementwise_correction(mixed):
     """The compiled model folds 1/(1+k) and the bias into conv_out's epilogue; the simulation
     applies them after the U-Net. Same metadata, same step: same ε (up to float rounding)."""
+    import dataclasses
+
     unet, meta, _ = mixed
+    meta = dataclasses.replace(meta, noise_space="output")   # corrected on the U-Net output
     fast = QuantizedUNet(unet, meta, backend="qdiff")
     sim = QuantizedUNet(unet, meta, backend="simulate")
     uncorrected = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none())
@@ -285,7 +408,7 @@ def test_fused_correction_is_rewritten_per_step_and_follows_reattached_metadata(
     (t0, b0), (t1, b1) = meta.precision_plan[0], meta.precision_plan[-1]
     known = {b: [StepNoise(t0, 0.5, (0.3,), 0.01, 1.0, 1.0), StepNoise(t1, 0.0, (-0.2,), 0.01, 1.0, 1.0)]
              for b in meta.precisions}
-    big = dataclasses.replace(meta, noise=known)
+    big = dataclasses.replace(meta, noise=known, noise_space="output")
     fast = QuantizedUNet(unet, big, backend="qdiff")
     raw = QuantizedUNet(unet, big, backend="qdiff", corrections=Corrections.none())
     x = torch.randn(2, 1, 16, 16)
@@ -392,12 +515,14 @@ def test_conditional_unet_called_the_way_stable_diffusion_calls_it():
 
     from diffusers import DDIMScheduler
 
-    from tests.tiny_models import scheduler, tiny_unet2d_condition
+    from tests.tiny_models import tiny_unet2d_condition
 
     unet = tiny_unet2d_condition(seed=2)
     emb = torch.randn(1, 5, 24)
-    meta = calibrate(unet, scheduler(), QuantRecipe.ptqd(**_FAST), num_samples=2, num_inference_steps=4,
+    sd_scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)   # as Stable Diffusion's config
+    meta = calibrate(unet, sd_scheduler, QuantRecipe.ptqd(**_FAST), num_samples=2, num_inference_steps=4,
                      sample_kwargs={"encoder_hidden_states": emb}, progress=False, attach=False)
+    assert meta.noise_space == "output"   # nothing clips the latents' x0: corrected in conv_out
     q = QuantizedUNet(unet, meta, backend="simulate")
     raw = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none())
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
