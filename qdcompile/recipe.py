@@ -60,18 +60,19 @@ class QuantRecipe:
       sampling trajectories. ``"quantized"``: the uncorrected quantized sampler's own trajectories
       (at the plan's precisions); FP and quantized models still see the same inputs. For plans
       whose sampler leaves the FP trajectories (many A4 steps) the FP-trajectory statistics stop
-      describing its error; measured on the MNIST margin-0 plan it did not make the corrections
-      help (``bench/results/ptqd-corrections-colour-20261122.md``).
+      describing its error; measured on the MNIST margin-0 plan (output-space statistics) it did
+      not make the corrections help (``bench/results/ptqd-corrections-colour-20261122.md``).
     * ``noise_space``: which ε the statistics describe and the corrections act on. ``"sampler"``
-      (default): the ε the scheduler's step actually uses — for DDPM/DDIM schedulers that clip or
-      threshold their x0 prediction (``clip_sample``), the ε recomputed from the clipped x0;
-      the corrections then run inside the scheduler step, after the clipping. With other
-      schedulers it is the U-Net's output, corrected in the last conv's epilogue. ``"output"``:
-      always the U-Net's output (PTQD as published; before the clipping). Clipping rectifies
-      quantization noise (errors that push x0 past ±1 vanish, the others stay), so the output's
-      mean error can have the opposite sign of the error the sampler sees: on the MNIST mixed
-      plan ``"output"`` made samples brighter and worse, ``"sampler"`` removed the brightening
-      (``bench/results/ptqd-sampler-space-*``).
+      (default): the ε the scheduler's step actually uses — for a DDPM scheduler that clips or
+      thresholds its x0 prediction (``clip_sample``), the ε recomputed from the clipped x0; the k
+      and bias corrections then run inside the scheduler step, after the clipping. With other
+      schedulers (no clipping; DDIM, whose direction term keeps the raw ε) it is the U-Net's
+      output, corrected in the last conv's epilogue. ``"output"``: always the U-Net's output
+      (PTQD as published). Clipping rectifies quantization noise (errors that push x0 past ±1
+      vanish, the others stay), so the output's mean error can have the opposite sign of the
+      error the sampler sees: on the MNIST mixed plan ``"output"`` made samples brighter and
+      worse (+7.9 FID), ``"sampler"`` removed the brightening (−5.0 FID, colour W2 −8 levels;
+      ``bench/results/ptqd-sampler-space-20261122.md``).
     """
 
     name: str = "custom"
