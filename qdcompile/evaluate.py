@@ -234,7 +234,7 @@ def step_snr(trajectory: Trajectory, quant_model: torch.nn.Module | EpsModel, sc
     ``quant_model`` is a U-Net (e.g. ``torch.compile(unet, backend="qdiff")`` or a model inside
     :func:`qdcompile.simulate.simulate`) or any callable ``(x, t, kwargs) -> ε̂``. Energies are
     summed over the recorded images of a step before the ratio is taken. ``snr_q_db`` compares the
-    U-Net outputs; ``snr_q_sampler_db`` the ε the scheduler's step uses (after a DDPM/DDIM x0
+    U-Net outputs; ``snr_q_sampler_db`` the ε the scheduler's step uses (after a DDPM x0
     clipping, and after a :class:`~qdcompile.pipeline.QuantizedUNet`'s sampler-space corrections).
     """
     from .pipeline import unwrap_scheduler
@@ -1173,7 +1173,7 @@ def _notes(results: dict[str, Any]) -> str:
     lines.append(f"SNR_Q: PTQD eq. 13 on the inputs of {min(o['snr_samples'], o['num_samples'])} FP trajectories, "
                  "in dB (20 log10 of the norm ratio), mean and min over the "
                  f"{o['steps']} steps (step 0 = noisiest), of the U-Net outputs and (sampler) of the ε the scheduler "
-                 "step uses: after its x0 clipping (DDPM/DDIM clip_sample) and any correction applied there. "
+                 "step uses: after its x0 clipping (DDPM clip_sample) and any correction applied there. "
                  "PSNR: quantized vs FP samples from the same seeds.")
     return "\n".join(lines)
 

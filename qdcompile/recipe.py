@@ -72,7 +72,8 @@ class QuantRecipe:
       vanish, the others stay), so the output's mean error can have the opposite sign of the
       error the sampler sees: on the MNIST mixed plan ``"output"`` made samples brighter and
       worse (+7.9 FID), ``"sampler"`` removed the brightening (−5.0 FID, colour W2 −8 levels;
-      ``bench/results/ptqd-sampler-space-20261122.md``).
+      ``bench/results/ptqd-sampler-space-20261122.md``). The mixed-precision plan is chosen on the
+      U-Net output's SNR_Q either way (PTQD's rule).
     """
 
     name: str = "custom"
