@@ -87,6 +87,10 @@ def cmd_calibrate(args) -> int:
                                sample_kwargs=kwargs)
     path = meta.save(args.out)
     print(f"wrote {path} ({len(meta.layers)} layers quantized, {len(meta.fallbacks)} left in float)")
+    from .pipeline import format_correction_check
+
+    if meta.calibration.get("correction_check"):
+        print(format_correction_check(meta.calibration["correction_check"]))
     return 0
 
 
@@ -99,6 +103,8 @@ def cmd_sample(args) -> int:
 
     if (args.metadata is None) == (args.recipe is None):
         raise ValueError("pass --metadata FILE (calibrated before) or --recipe NAME (calibrate now), not both")
+    if args.no_correction and args.all_corrections:
+        raise ValueError("pass --no-correction or --all-corrections, not both")
     if args.guidance_scale is not None and args.prompt is None:
         raise ValueError("--guidance-scale applies to --prompt sampling of a Stable Diffusion pipeline folder")
     if args.snr_margin is not None and args.recipe != "mixed":
@@ -130,7 +136,8 @@ def cmd_sample(args) -> int:
                                    sample_kwargs=kwargs, attach=False)
         if args.save_metadata:
             print(f"wrote {meta.save(args.save_metadata)}")
-    corrections = Corrections.none() if args.no_correction or not meta.noise else Corrections()
+    corrections = (Corrections.none() if args.no_correction else Corrections() if args.all_corrections and meta.noise
+                   else Corrections.default_for(meta))
     quant_unet = QuantizedUNet(unet, meta, backend="qdiff", corrections=corrections)
     if meta.precision_plan or meta.noise:
         print(quant_unet.format_plan(scheduler, args.steps, eta=args.eta))
@@ -327,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="model", choices=["model", "ddim"], help="the model's scheduler, or DDIM")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (> 0: stochastic, PTQD's variance calibration applies)")
     p.add_argument("--no-correction", action="store_true", help="skip the PTQD corrections the metadata allows")
+    p.add_argument("--all-corrections", action="store_true",
+                   help="apply k, bias and VSC even where the calibration's correction check dropped one (it moved "
+                        "its validation samples away from the float model's)")
     p.add_argument("--out", default=None, help="PNG grid to write")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)

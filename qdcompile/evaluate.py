@@ -690,6 +690,8 @@ class EvalConfig:
     # the mixed-precision plan; rows with the same recipe share one calibration
     corrections: Optional[tuple[bool, bool, bool]] = None
     mixed: Optional[bool] = None
+    # the sampler as users get it: only the corrections the calibration's check kept (of ``corrections``)
+    checked: bool = False
 
     def recipe(self, extra: Optional[dict[str, Any]] = None):
         """Build the recipe; raise :class:`NotAvailable` saying why when this qdcompile cannot."""
@@ -735,12 +737,14 @@ CONFIGS: dict[str, EvalConfig] = {c.key: c for c in (
     EvalConfig("ptqd-raw", "W4A8 Q-Diffusion, PTQD calibration, uncorrected", "ptqd", corrections=(False, False, False)),
     EvalConfig("ptqd-k", "  + correlated-noise correction", "ptqd", corrections=(True, False, False)),
     EvalConfig("ptqd-k-bc", "  + bias correction", "ptqd", corrections=(True, True, False)),
-    EvalConfig("ptqd", "  + variance schedule calibration (PTQD)", "ptqd", corrections=(True, True, True)),
+    EvalConfig("ptqd", "  + variance schedule calibration (PTQD)", "ptqd", corrections=(True, True, True),
+               checked=True),
     EvalConfig("w4a4-qdiff", "W4A4 (Q-Diffusion, all steps)", "w4a4",
                (("method", "qdiffusion"), ("weight_observer", "mse"), ("split", True)), expect_method="reconstruction"),
     EvalConfig("mixed-raw", "W4A4/A8 mixed precision, uncorrected", "mixed", corrections=(False, False, False),
                mixed=True),
-    EvalConfig("mixed", "W4A4/A8 mixed precision + PTQD", "mixed", corrections=(True, True, True), mixed=True),
+    EvalConfig("mixed", "W4A4/A8 mixed precision + PTQD", "mixed", corrections=(True, True, True), mixed=True,
+               checked=True),
 )}
 DEFAULT_CONFIGS = ("fp", "w8a8", "w4a8-rtn", "w4a8-qdiff", "w4a8-qdiff-split")
 
@@ -764,7 +768,7 @@ def correlated_snr_check(rows: Sequence[dict[str, Any]]) -> None:
     for r in by_key.values():
         cfg = CONFIGS[r["key"]]
         raw = next((by_key[k] for k in uncorrected_counterparts(r["key"]) if k in by_key), None)
-        if raw is None or not cfg.corrections[0] or "ptqd_steps" not in r:
+        if raw is None or "k" not in r.get("corrections", "").split("+") or "ptqd_steps" not in r:
             continue
         # the SNR of the ε the sampler uses: sampler-space corrections act after the x0 clipping
         key = "snr_q_sampler_db" if all(s.get("snr_q_sampler_db") is not None
@@ -1056,9 +1060,13 @@ class _Run:
             if ptqd:   # the quantized sampler: per-step precision, corrections (it compiles / simulates itself)
                 from .pipeline import Corrections, QuantizedUNet
 
-                qm = QuantizedUNet(qm, meta, backend=o.backend, corrections=Corrections(*(cfg.corrections or
-                                                                                        (False,) * 3)),
-                                   mixed=bool(cfg.mixed))
+                corr = Corrections(*(cfg.corrections or (False,) * 3))
+                if cfg.checked:   # as the sampler runs by default: what the correction check kept
+                    kept = Corrections.default_for(meta)
+                    corr = Corrections(corr.correlated and kept.correlated, corr.bias and kept.bias,
+                                       corr.variance and kept.variance)
+                    row["correction_check"] = meta.calibration.get("correction_check")
+                qm = QuantizedUNet(qm, meta, backend=o.backend, corrections=corr, mixed=bool(cfg.mixed))
                 scheduler = qm.wrap_scheduler(self.scheduler)
                 plan = qm.plan(self.scheduler, o.steps)
                 row["precision_plan"] = [[r["step"], r["timestep"], r["act_bits"]] for r in plan]
@@ -1205,6 +1213,12 @@ def _markdown(results: dict[str, Any]) -> str:
             lines += ["", "k and bias corrected " + " / ".join(
                 "in the scheduler step, after its x0 clipping (statistics of the ε it uses)" if sp == "sampler" else
                 "on the U-Net output (statistics of the output)" for sp in sorted(spaces)) + "."]
+        checked = [(r["label"].strip(), r["correction_check"]) for r in results["configs"] if r.get("correction_check")]
+        if checked:
+            from .pipeline import format_correction_check
+
+            lines += ["", "Rows marked PTQD run the corrections the calibration's check kept:", ""]
+            lines += [f"* {label}: {format_correction_check(c)}" for label, c in checked]
     colour = [(r["label"].strip(), d) for r in results["configs"] for d in r.get("colour_delta", [])]
     if colour:
         lines += ["", "Δ colour W2 (paired bootstrap, 95% interval):", ""]

@@ -23,11 +23,13 @@ import torch
 from .recipe import QuantRecipe
 
 FORMAT_NAME = "qdcompile.quant_metadata"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # 2 added activation variants, PTQD noise statistics and the precision plan; 3 the space of the
-# noise statistics (a version-2 reader would apply sampler-space statistics to the U-Net output)
-READABLE_VERSIONS = (1, 2, 3)
+# noise statistics (a version-2 reader would apply sampler-space statistics to the U-Net output);
+# 4 the corrections the calibration's check kept (a version-3 reader would apply dropped ones)
+READABLE_VERSIONS = (1, 2, 3, 4)
 NOISE_SPACES = ("output", "sampler")
+CORRECTION_KEYS = ("correlated", "bias", "variance")
 
 
 class MetadataError(ValueError):
@@ -179,6 +181,9 @@ class QuantMetadata:
     # what the statistics describe: "output" (the U-Net's ε, corrected in noise_layer's epilogue) or
     # "sampler" (the ε the scheduler step uses after clipping its x0 prediction, corrected there)
     noise_space: str | None = None
+    # the PTQD corrections the sampler applies by default (those the calibration's correction check
+    # kept: {"correlated": bool, "bias": bool, "variance": bool}); None = all of them
+    corrections: dict[str, bool] | None = None
     precision_plan: list[tuple[int, int]] = field(default_factory=list)   # (timestep, act bits)
 
     def __iter__(self) -> Iterator[str]:
@@ -265,6 +270,7 @@ class QuantMetadata:
         header["noise"] = {str(b): [s.to_dict() for s in steps] for b, steps in self.noise.items()}
         header["noise_layer"] = self.noise_layer
         header["noise_space"] = self.noise_space
+        header["corrections"] = self.corrections
         header["precision_plan"] = [list(e) for e in self.precision_plan]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -372,6 +378,7 @@ def load_metadata(path: str | os.PathLike) -> QuantMetadata:
                                       for b, steps in header.get("noise", {}).items()},
                                noise_layer=header.get("noise_layer"),
                                noise_space=header.get("noise_space") or ("output" if header.get("noise") else None),
+                               corrections=header.get("corrections"),
                                precision_plan=[(int(t), int(b)) for t, b in header.get("precision_plan", [])])
         validate_variants(result)
         return result
@@ -421,6 +428,12 @@ def validate_variants(meta: QuantMetadata) -> None:
         raise MetadataError(f"PTQD statistics name layer {meta.noise_layer!r} for the correction; it has no record")
     if meta.noise and meta.noise_space not in NOISE_SPACES:
         raise MetadataError(f"PTQD statistics are in space {meta.noise_space!r}; expected one of {NOISE_SPACES}")
+    c = meta.corrections
+    if c is not None and (not isinstance(c, dict) or sorted(c) != sorted(CORRECTION_KEYS)
+                          or not all(isinstance(v, bool) for v in c.values())):
+        raise MetadataError(f"the default PTQD corrections must map {list(CORRECTION_KEYS)} to true/false, got {c!r}")
+    if c is not None and any(c.values()) and not meta.noise:
+        raise MetadataError(f"the default PTQD corrections {c!r} need noise statistics; this metadata has none")
 
 
 def validate_layer(name: str, rec: LayerQuant) -> None:

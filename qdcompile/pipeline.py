@@ -50,6 +50,15 @@ class Corrections:
     def none(cls) -> "Corrections":
         return cls(False, False, False)
 
+    @classmethod
+    def default_for(cls, meta: QuantMetadata) -> "Corrections":
+        """What a sampler for ``meta`` applies unless told otherwise: none without noise
+        statistics; else those the calibration's correction check kept (all, for metadata
+        calibrated without the check)."""
+        if not meta.noise:
+            return cls.none()
+        return cls(**meta.corrections) if meta.corrections is not None else cls()
+
     @property
     def any(self) -> bool:
         return self.correlated or self.bias or self.variance
@@ -66,8 +75,8 @@ class QuantizedUNet(nn.Module):
       (``unet`` may already be compiled that way); ``"simulate"``: the fake-quant model.
     * ``mixed``: follow the metadata's precision plan (default: when it has one); otherwise
       every step runs the records' own precision.
-    * ``corrections``: PTQD corrections to apply (default all, when the metadata has noise
-      statistics; :meth:`Corrections.none` for the uncorrected model).
+    * ``corrections``: PTQD corrections to apply (default :meth:`Corrections.default_for`: those
+      the calibration's correction check kept; :meth:`Corrections.none` for the uncorrected model).
     """
 
     def __init__(self, unet: nn.Module, meta: QuantMetadata, *, backend: str = "qdiff",
@@ -84,7 +93,7 @@ class QuantizedUNet(nn.Module):
         if self.mixed and not meta.precision_plan:
             raise MetadataError("mixed=True, but this metadata has no precision plan (calibrate with "
                                 "QuantRecipe.mixed())")
-        corrections = (Corrections() if meta.noise else Corrections.none()) if corrections is None else corrections
+        corrections = Corrections.default_for(meta) if corrections is None else corrections
         if corrections.any and not meta.noise:
             raise MetadataError(f"corrections {corrections.label()} need PTQD noise statistics; this metadata has none "
                                 "(calibrate with QuantRecipe.ptqd() / .mixed(), or noise_correction=True)")
@@ -240,6 +249,7 @@ class QuantizedUNet(nn.Module):
             rule = ", rule SNR_Q > SNR_F" + (f" * 10^({m:g}/20)" if m else " (PTQD)")
         lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}{rule}, corrections "
                  f"{self.corrections.label()}{where}):"]
+        check = self.meta.calibration.get("correction_check")
         w = self.meta.recipe.weight_bits
         lines.append(f"  W{w}: " + format_plan_runs([(r["step"], r["timestep"], r["act_bits"]) for r in rows]))
         counts = {b: sum(r["act_bits"] == b for r in rows) for b in sorted({r["act_bits"] for r in rows})}
@@ -251,6 +261,8 @@ class QuantizedUNet(nn.Module):
                 shrink = [r["sigma2_calibrated"] / r["sigma2"] for r in rows if r.get("sigma2")]
                 if shrink:
                     lines.append(f"  VSC sigma'^2/sigma^2: {min(shrink):.4f} .. {max(shrink):.4f}")
+        if check:
+            lines.append("  " + format_correction_check(check))
         return "\n".join(lines)
 
     def sample(self, scheduler, **kwargs) -> torch.Tensor:
@@ -279,6 +291,16 @@ class QuantizedUNet(nn.Module):
         for t in seen.values():
             call_unet(self, x, torch.tensor(t, device=self.device), kw)
         self.trace.clear()
+
+
+def format_correction_check(check: dict[str, Any]) -> str:
+    """One line on the calibration's correction check (:func:`qdcompile.ptqd.check_corrections`)."""
+    kept = Corrections(**check["kept"])
+    mse = ", ".join(f"{k} {v:.4g}" for k, v in check["mse_vs_fp"])
+    dropped = [f"{c['correction']} (+{c['delta']:.2g} ± {c['se']:.2g}: moved samples away from FP)"
+               for c in check.get("changes", []) if not c["kept"]]
+    return (f"correction check ({check['samples']} samples, mean squared difference to FP's): {mse} -> default "
+            f"corrections {kept.label()}" + (f"; dropped {', '.join(dropped)}" if dropped else ""))
 
 
 def format_plan_runs(plan: Sequence[Sequence[int]]) -> str:

@@ -16,6 +16,9 @@ Quantized noise prediction ``ε̂ = ε + Δε`` with ``Δε = k·ε + Δ'`` per 
   types) and ``DDIMScheduler`` with ``η > 0`` — where ``c_t`` itself depends on ``σ`` and
   the equation is solved by bisection. Deterministic samplers (``σ_t = 0``) get ``k`` and
   the bias only.
+* Correction check (:func:`check_corrections`): at the end of calibration, each of k and
+  the bias is kept as the sampler's default only if it brings a few validation samples
+  closer to the float model's samples from the same seeds.
 * Step-aware mixed precision (:func:`choose_bits`): per step the smallest activation bit
   width with ``SNR_Q > SNR_F = ᾱ_t / (1 − ᾱ_t)``, else the largest; ``recipe.mixed_margin_db``
   raises the bar to ``SNR_Q > SNR_F · 10^(margin/20)``.
@@ -23,12 +26,15 @@ Quantized noise prediction ``ε̂ = ε + Δε`` with ``Δε = k·ε + Δ'`` per 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
+logger = logging.getLogger(__name__)
 
 # ============================================================================ statistics
 @dataclass(frozen=True)
@@ -392,6 +398,72 @@ def _stats_from(state: dict[int, list[dict[str, Any]]]) -> dict[int, list[StepNo
     return {int(b): [StepNoise.from_dict(s) for s in v] for b, v in state.items()}
 
 
+CHECK_SEED_OFFSET = 104729   # validation seeds of the correction check: apart from calibration's and the statistics'
+CHECK_Z = 2.0                # a correction is dropped when it adds MSE to FP more than 2 standard errors above 0
+
+
+@torch.no_grad()
+def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, samples: int, seed: int,
+                      batch_size=None, sample_kwargs=None, progress: bool = True) -> dict[str, Any]:
+    """Which PTQD corrections do not move the quantized sampler's results away from the float model's.
+
+    ``samples`` images from the seed ``seed`` are drawn with the float model and with the
+    (simulated) quantized sampler of ``meta`` — following its precision plan, if any — without
+    corrections, then adding k (skipped when ``k = 0`` at every step: it is the identity), then
+    the bias. Per image, the mean squared difference of the final sample (the sampler's output
+    space: pixels or latents) to FP's; a correction is dropped when it raises that difference by
+    more than :data:`CHECK_Z` standard errors of the paired per-image change (a clear harm, not a
+    noise-level one), else kept. VSC is not judged this way: changing the injected noise moves
+    every sample whatever it does to the distribution; it is kept. Returns the record stored in
+    ``meta.calibration["correction_check"]``; its ``"kept"`` is the metadata's default corrections."""
+    from .pipeline import Corrections, QuantizedUNet
+    from .sampling import sample
+
+    mixed = bool(meta.precision_plan)
+
+    def run(model, sched):
+        return sample(model, sched, num_images=samples, num_inference_steps=num_inference_steps,
+                      generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
+                      sample_kwargs=sample_kwargs, progress=progress, to_image=False).float()
+
+    fp = run(unet, scheduler)
+
+    def per_image(corr: Corrections) -> torch.Tensor:
+        q = QuantizedUNet(unet, meta, backend="simulate", corrections=corr, mixed=mixed)
+        return (run(q, q.wrap_scheduler(scheduler)) - fp).pow(2).flatten(1).mean(1).double()
+
+    kept = Corrections.none()
+    plan = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections(), mixed=mixed).plan(
+        scheduler, num_inference_steps)
+    best = per_image(kept)
+    mse = [["none", float(best.mean())]]   # in the order tried
+    changes, dropped = [], []
+    for name, flag in (("k", "correlated"), ("bias", "bias")):
+        cand = dataclasses.replace(kept, **{flag: True})
+        if flag == "correlated" and all(r["k"] == 0 for r in plan):
+            kept = cand   # dividing by 1 + 0 changes nothing
+            continue
+        d = per_image(cand)
+        mse.append([cand.label(), float(d.mean())])
+        diff = d - best
+        delta = float(diff.mean())
+        se = float(diff.std() / math.sqrt(samples)) if samples > 1 else 0.0
+        harmful = delta > CHECK_Z * se and delta > 0
+        changes.append({"correction": name, "delta": delta, "se": se, "kept": not harmful})
+        if harmful:
+            dropped.append(name)
+            logger.warning("PTQD correction check: %s moved %d validation samples further from the float model's "
+                           "(mean squared difference %.4g -> %.4g, +%.2g ± %.2g); the sampler will not apply it by "
+                           "default", "the correlated-noise correction (k)" if name == "k" else "the bias correction",
+                           samples, float(best.mean()), float(d.mean()), delta, se)
+        else:
+            kept, best = cand, d
+    kept = dataclasses.replace(kept, variance=True)
+    return {"samples": samples, "seed": seed, "steps": num_inference_steps, "z": CHECK_Z, "mse_vs_fp": mse,
+            "changes": changes, "kept": {"correlated": kept.correlated, "bias": kept.bias, "variance": kept.variance},
+            "dropped": dropped}
+
+
 def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, batch_size=None, sample_kwargs=None,
                     seed: int = 0, progress: bool = True, checkpoint=None) -> None:
     """PTQD stage of :func:`qdcompile.calibrate`, filling ``meta`` in place: for a mixed recipe
@@ -453,3 +525,11 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
     meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
                                  "inputs": recipe.noise_inputs, "space": meta.noise_space,
                                  "scheduler": type(scheduler).__name__, "eps_channels": channels}
+    meta.corrections = None
+    if recipe.check_samples:
+        check = stages.run(f"check_{meta.noise_space}", lambda: check_corrections(
+            unet, scheduler, meta, num_inference_steps=num_inference_steps, samples=recipe.check_samples,
+            seed=seed + CHECK_SEED_OFFSET, batch_size=batch_size, sample_kwargs=sample_kwargs, progress=progress),
+            dict, dict)
+        meta.corrections = dict(check["kept"])
+        meta.calibration["correction_check"] = check

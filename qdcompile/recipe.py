@@ -74,6 +74,15 @@ class QuantRecipe:
       worse (+7.9 FID), ``"sampler"`` removed the brightening (−5.0 FID, colour W2 −8 levels;
       ``bench/results/ptqd-sampler-space-20261122.md``). The mixed-precision plan is chosen on the
       U-Net output's SNR_Q either way (PTQD's rule).
+    * ``check_samples``: the correction check at the end of calibration: ``check_samples`` fresh
+      seeds are sampled with the float model and with the (simulated) quantized sampler without
+      corrections, with k, then with k and bias; a correction is kept as the sampler's default only
+      if it brings the final samples closer to FP's (mean squared difference). Statistics that do not
+      describe the sampler's error are caught here (the output-space statistics on the MNIST mixed
+      plan moved samples away from FP). VSC is not checked this way (it changes the injected noise,
+      so it moves every sample by construction; it targets the variance, not the sample) and stays on.
+      0 skips the check (all corrections are the default). Costs ``check_samples`` sampling runs of
+      the float model and of two or three quantized samplers.
     """
 
     name: str = "custom"
@@ -101,6 +110,7 @@ class QuantRecipe:
     mixed_margin_db: float = 0.0
     noise_inputs: str = "fp"
     noise_space: str = "sampler"
+    check_samples: int = 8
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
@@ -164,6 +174,8 @@ class QuantRecipe:
             raise ValueError(f"QuantRecipe.noise_inputs must be 'fp' or 'quantized', got {self.noise_inputs!r}")
         if self.noise_space not in ("sampler", "output"):
             raise ValueError(f"QuantRecipe.noise_space must be 'sampler' or 'output', got {self.noise_space!r}")
+        if not isinstance(self.check_samples, int) or isinstance(self.check_samples, bool) or self.check_samples < 0:
+            raise ValueError(f"QuantRecipe.check_samples must be an integer >= 0, got {self.check_samples!r}")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads {RECIPE_VERSION})")
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))

@@ -75,6 +75,16 @@ def test_sample_with_mixed_metadata_prints_the_plan(model_dir, tmp_path, capsys)
     assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--num-images", "2", "--steps", "4",
                  "--scheduler", "ddim", "--eta", "0.5", "--quiet"]) == 0
     out = capsys.readouterr().out
+    # the corrections the calibration's check kept, and the check's numbers
+    from qdcompile.pipeline import Corrections
+
+    kept = Corrections.default_for(meta)
+    assert kept.variance and kept == Corrections(**meta.calibration["correction_check"]["kept"])
+    assert f"precision plan (mixed, rule SNR_Q > SNR_F (PTQD), corrections {kept.label()}" in out
+    assert "correction check (8 samples, mean squared difference to FP's): none " in out
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--num-images", "2", "--steps", "4",
+                 "--scheduler", "ddim", "--eta", "0.5", "--quiet", "--all-corrections"]) == 0
+    out = capsys.readouterr().out
     assert "precision plan (mixed, rule SNR_Q > SNR_F (PTQD), corrections k+bias+VSC" in out
     # calibrated on the clipping DDPM scheduler, sampled with DDIM: said, not silently mixed up
     assert "DDIMScheduler does not clip" in out
@@ -82,6 +92,9 @@ def test_sample_with_mixed_metadata_prints_the_plan(model_dir, tmp_path, capsys)
     assert all(f"A{b}: " in out for b in used) and "correlated-noise k" in out
     # both ways to give the quantization, or eta without DDIM: clear errors
     assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--recipe", "mixed", "--quiet"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--no-correction", "--all-corrections",
+                 "--quiet"]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["sample", "--model", str(model_dir), "--metadata", str(path), "--eta", "0.5", "--quiet"]) == 2
     assert "--scheduler ddim" in capsys.readouterr().err

@@ -136,17 +136,20 @@ def test_correlated_snr_check_counts_steps_with_positive_k():
     rows = [{"key": "fp", "status": "ok"},
             {"key": "ptqd-raw", "status": "ok", "snr_steps": snr([20.0, 21.0, 22.0, 23.0]),
              "ptqd_steps": [{"step": i, "k": 0.0} for i in range(4)]},
-            {"key": "ptqd-k", "status": "ok", "snr_steps": snr([20.0, 21.5, 21.9, 23.0]),
+            {"key": "ptqd-k", "status": "ok", "corrections": "k", "snr_steps": snr([20.0, 21.5, 21.9, 23.0]),
              "ptqd_steps": [{"step": 0, "k": 0.0}, {"step": 1, "k": 0.02}, {"step": 2, "k": 0.01},
                             {"step": 3, "k": 0.0}]},
-            {"key": "ptqd-k-bc", "status": "ok", "snr_steps": snr([21.0, 21.2, 22.5, 23.5]),
-             "ptqd_steps": [{"step": i, "k": 0.0} for i in range(4)]}]
+            {"key": "ptqd-k-bc", "status": "ok", "corrections": "k+bias", "snr_steps": snr([21.0, 21.2, 22.5, 23.5]),
+             "ptqd_steps": [{"step": i, "k": 0.0} for i in range(4)]},
+            # the PTQD row whose correction check dropped k: nothing to check
+            {"key": "ptqd", "status": "ok", "corrections": "bias+VSC", "snr_steps": snr([20.0, 21.0, 22.0, 23.0]),
+             "ptqd_steps": [{"step": 1, "k": 0.02}]}]
     ev.correlated_snr_check(rows)
     c = rows[2]["snr_where_k_positive"]
     assert c["vs"] == "ptqd-raw" and c["steps"] == [1, 2] and c["raised"] == [1]
     assert c["mean_gain_db"] == pytest.approx((0.5 - 0.1) / 2)
     assert rows[3]["snr_where_k_positive"]["steps"] == [] and rows[3]["snr_where_k_positive"]["mean_gain_db"] is None
-    assert "snr_where_k_positive" not in rows[1] and "snr_where_k_positive" not in rows[0]
+    assert all("snr_where_k_positive" not in rows[i] for i in (0, 1, 4))
 
 
 def test_kernel_distance_matches_direct_mmd():

@@ -250,6 +250,23 @@ def test_bias_hidden_by_clipping_is_corrected_in_the_sampler_space():
     assert err(on_output) > err(eps_q) > 2 * err(in_sampler)
 
 
+def _rewrite_header(path, out, edit, version: str):
+    """A copy of the metadata file ``path`` at ``out`` with its JSON header edited by ``edit`` and
+    the given format version (an older or damaged file, for the readers' checks)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header_meta = dict(f.metadata())
+    header = json.loads(header_meta["header"])
+    edit(header)
+    save_file(load_file(str(path)), str(out), metadata={**header_meta, "header": json.dumps(header),
+                                                        "format_version": version})
+    return out
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     from tests.tiny_models import scheduler
@@ -336,22 +353,11 @@ def test_sampler_space_corrections_run_in_the_scheduler_step(mixed):
 
 def test_metadata_noise_space_round_trip_and_older_files(mixed, tmp_path):
     import dataclasses
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     _, meta, path = mixed
 
     def rewrite(fn, version):
-        with safe_open(str(path), framework="pt") as f:
-            header_meta = dict(f.metadata())
-        header = json.loads(header_meta["header"])
-        fn(header)
-        out = tmp_path / f"edited-{version}.qdiff"
-        save_file(load_file(str(path)), str(out), metadata={**header_meta, "header": json.dumps(header),
-                                                            "format_version": version})
-        return out
+        return _rewrite_header(path, tmp_path / f"edited-{version}.qdiff", fn, version)
 
     # a version-2 file (no noise_space) was corrected on the U-Net output
     assert load_metadata(rewrite(lambda h: h.pop("noise_space"), "2")).noise_space == "output"
@@ -359,6 +365,107 @@ def test_metadata_noise_space_round_trip_and_older_files(mixed, tmp_path):
         load_metadata(rewrite(lambda h: h.update(noise_space="latent"), "3"))
     out = dataclasses.replace(meta, noise_space="output").save(tmp_path / "out.qdiff")
     assert load_metadata(out).noise_space == "output"
+
+
+# ---------------------------------------------------------------------------- the correction check
+def _distance_to_fp(unet, meta, corrections, n, seed, steps=6):
+    """Per image, the mean squared difference of the quantized sampler's result to FP's (same seeds), by hand."""
+    from qdcompile.sampling import sample
+    from tests.tiny_models import scheduler
+
+    def run(model, sched):
+        return sample(model, sched, num_images=n, num_inference_steps=steps, progress=False, to_image=False,
+                      generator=torch.Generator().manual_seed(seed))
+
+    q = QuantizedUNet(unet, meta, backend="simulate", corrections=corrections, mixed=True)
+    return (run(q, q.wrap_scheduler(scheduler())) - run(unet, scheduler())).pow(2).flatten(1).mean(1).double()
+
+
+def test_correction_check_drops_a_correction_only_if_it_clearly_moves_samples_away_from_fp(mixed):
+    from qdcompile.ptqd import CHECK_SEED_OFFSET, CHECK_Z
+
+    unet, meta, path = mixed
+    check = meta.calibration["correction_check"]
+    assert check["samples"] == 8 and check["seed"] == CHECK_SEED_OFFSET and check["steps"] == 6
+    assert load_metadata(path).corrections == meta.corrections == check["kept"]
+    assert [k for k, _ in check["mse_vs_fp"]][0] == "none"   # in the order tried
+    d = dict(check["mse_vs_fp"])
+    # the recorded distances and decisions are the sampler's, recomputed by hand
+    base = _distance_to_fp(unet, meta, Corrections.none(), 8, check["seed"])
+    assert d["none"] == pytest.approx(float(base.mean()), rel=1e-5)
+    with_k = any(s.k > 0 for b in meta.noise for s in meta.noise[b])
+    assert ("k" in d) == with_k   # k = 0 everywhere: the identity, not sampled
+    k_kept = check["kept"]["correlated"]
+    if with_k:
+        d_k = _distance_to_fp(unet, meta, Corrections(True, False, False), 8, check["seed"])
+        assert d["k"] == pytest.approx(float(d_k.mean()), rel=1e-5)
+        if k_kept:
+            base = d_k
+    bias = _distance_to_fp(unet, meta, Corrections(k_kept, True, False), 8, check["seed"])
+    label = "k+bias" if k_kept else "bias"
+    assert d[label] == pytest.approx(float(bias.mean()), rel=1e-5)
+    diff = bias - base
+    change = check["changes"][-1]
+    assert change["correction"] == "bias" and change["delta"] == pytest.approx(float(diff.mean()), rel=1e-4, abs=1e-9)
+    assert change["se"] == pytest.approx(float(diff.std() / math.sqrt(8)), rel=1e-3)
+    assert check["kept"]["bias"] == (not (diff.mean() > CHECK_Z * diff.std() / math.sqrt(8) and diff.mean() > 0))
+    assert check["kept"]["variance"] and ("bias" in check["dropped"]) == (not check["kept"]["bias"])
+    assert Corrections.default_for(meta) == Corrections(**check["kept"])
+    assert QuantizedUNet(unet, meta, backend="simulate").corrections == Corrections(**check["kept"])
+
+
+def test_correction_check_drops_statistics_that_push_samples_away_from_fp(mixed, caplog):
+    """Statistics that do not describe the sampler's error (here: a large made-up bias) are
+    caught: the bias correction is dropped from the default, with a warning; k stays."""
+    import dataclasses
+    import logging
+
+    from qdcompile.ptqd import check_corrections
+    from tests.tiny_models import scheduler
+
+    unet, meta, _ = mixed
+    wrong = {b: [dataclasses.replace(s, k=0.02, mu=(0.4,)) for s in steps] for b, steps in meta.noise.items()}
+    bad = dataclasses.replace(meta, noise=wrong, corrections=None)
+    seed = int(torch.randint(0, 10_000, ()))
+    with caplog.at_level(logging.WARNING, logger="qdcompile.ptqd"):
+        check = check_corrections(unet, scheduler(), bad, num_inference_steps=6, samples=4, seed=seed, progress=False)
+    d = dict(check["mse_vs_fp"])
+    assert d["k+bias"] > 2 * d["k"], d   # subtracting 0.4 from every ε moves every sample
+    k_change = check["changes"][0]
+    assert k_change["correction"] == "k" and k_change["kept"] == check["kept"]["correlated"]
+    assert check["kept"]["bias"] is False and check["kept"]["variance"] is True
+    assert check["dropped"][-1] == "bias" and "the bias correction moved 4 validation samples further" in caplog.text
+    assert d["k"] == pytest.approx(float(_distance_to_fp(unet, bad, Corrections(True, False, False), 4, seed).mean()),
+                                   rel=1e-5)
+    assert "dropped bias (+" in QuantizedUNet(unet, dataclasses.replace(bad, corrections=check["kept"],
+                                                                        calibration={"correction_check": check}),
+                                              backend="simulate").format_plan(scheduler(), 6)
+
+
+def test_correction_check_off_and_metadata_field(mixed, tmp_path):
+    import dataclasses
+
+    from tests.tiny_models import scheduler
+
+    unet, meta, path = mixed
+    off = calibrate(tiny_unet2d(seed=5), scheduler(), QuantRecipe.mixed(check_samples=0, **_FAST), num_samples=3,
+                    num_inference_steps=6, progress=False, attach=False)
+    assert off.corrections is None and "correction_check" not in off.calibration
+    assert off.noise == meta.noise   # the check changes nothing else
+    assert Corrections.default_for(off) == Corrections()
+    with pytest.raises(ValueError, match="check_samples"):
+        QuantRecipe.mixed(check_samples=-1)
+
+    def rewrite(fn, version):
+        return _rewrite_header(path, tmp_path / f"edited-{version}.qdiff", fn, version)
+
+    # a version-3 file (no check) applies every correction, as it did
+    old = load_metadata(rewrite(lambda h: h.pop("corrections"), "3"))
+    assert old.corrections is None and Corrections.default_for(old) == Corrections()
+    with pytest.raises(MetadataError, match="default PTQD corrections"):
+        load_metadata(rewrite(lambda h: h.update(corrections={"bias": "yes"}), "4"))
+    none = dataclasses.replace(meta, corrections={"correlated": False, "bias": False, "variance": False})
+    assert Corrections.default_for(load_metadata(none.save(tmp_path / "none.qdiff"))) == Corrections.none()
 
 
 def test_metadata_rejects_a_plan_with_an_unknown_precision(mixed, tmp_path):
@@ -378,8 +485,8 @@ def test_fused_correction_matches_the_elementwise_correction(mixed):
 
     unet, meta, _ = mixed
     meta = dataclasses.replace(meta, noise_space="output")   # corrected on the U-Net output
-    fast = QuantizedUNet(unet, meta, backend="qdiff")
-    sim = QuantizedUNet(unet, meta, backend="simulate")
+    fast = QuantizedUNet(unet, meta, backend="qdiff", corrections=Corrections())
+    sim = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections())
     uncorrected = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none())
     x = torch.randn(2, 1, 16, 16)
     for t, bits in (meta.precision_plan[0], meta.precision_plan[-1]):
@@ -409,7 +516,7 @@ def test_fused_correction_is_rewritten_per_step_and_follows_reattached_metadata(
     known = {b: [StepNoise(t0, 0.5, (0.3,), 0.01, 1.0, 1.0), StepNoise(t1, 0.0, (-0.2,), 0.01, 1.0, 1.0)]
              for b in meta.precisions}
     big = dataclasses.replace(meta, noise=known, noise_space="output")
-    fast = QuantizedUNet(unet, big, backend="qdiff")
+    fast = QuantizedUNet(unet, big, backend="qdiff", corrections=Corrections())
     raw = QuantizedUNet(unet, big, backend="qdiff", corrections=Corrections.none())
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
@@ -523,7 +630,7 @@ def test_conditional_unet_called_the_way_stable_diffusion_calls_it():
     meta = calibrate(unet, sd_scheduler, QuantRecipe.ptqd(**_FAST), num_samples=2, num_inference_steps=4,
                      sample_kwargs={"encoder_hidden_states": emb}, progress=False, attach=False)
     assert meta.noise_space == "output"   # nothing clips the latents' x0: corrected in conv_out
-    q = QuantizedUNet(unet, meta, backend="simulate")
+    q = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections())
     raw = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none())
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
     kw = dict(encoder_hidden_states=emb.expand(2, -1, -1), timestep_cond=None, cross_attention_kwargs=None,
@@ -577,3 +684,5 @@ def test_interrupted_ptqd_stage_resumes_from_the_checkpoint(tmp_path, monkeypatc
     assert resumed.precision_plan == full.precision_plan and resumed.noise == full.noise
     assert resumed.act_variants == full.act_variants
     assert all(resumed.layers[n].act_quants() == r.act_quants() for n, r in full.layers.items())
+    assert resumed.corrections == full.corrections
+    assert resumed.calibration["correction_check"] == full.calibration["correction_check"]
