@@ -766,7 +766,6 @@ def correlated_snr_check(rows: Sequence[dict[str, Any]]) -> None:
     those where SNR_Q rose, and the mean gain in dB (``steps: []`` when ``k`` is 0 everywhere)."""
     by_key = {r["key"]: r for r in rows if r.get("status") == "ok"}
     for r in by_key.values():
-        cfg = CONFIGS[r["key"]]
         raw = next((by_key[k] for k in uncorrected_counterparts(r["key"]) if k in by_key), None)
         if raw is None or "k" not in r.get("corrections", "").split("+") or "ptqd_steps" not in r:
             continue

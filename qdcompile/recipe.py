@@ -76,8 +76,9 @@ class QuantRecipe:
       U-Net output's SNR_Q either way (PTQD's rule).
     * ``check_samples``: the correction check at the end of calibration: ``check_samples`` fresh
       seeds are sampled with the float model and with the (simulated) quantized sampler without
-      corrections, with k, then with k and bias; a correction is kept as the sampler's default only
-      if it brings the final samples closer to FP's (mean squared difference). Statistics that do not
+      corrections, with k, then with k and bias; a correction is dropped from the sampler's default
+      when it moves the final samples away from FP's (per-image mean squared difference up by more
+      than 2 standard errors of the paired change), else kept. Statistics that do not
       describe the sampler's error are caught here (the output-space statistics on the MNIST mixed
       plan moved samples away from FP). VSC is not checked this way (it changes the injected noise,
       so it moves every sample by construction; it targets the variance, not the sample) and stays on.
