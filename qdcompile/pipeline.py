@@ -249,7 +249,6 @@ class QuantizedUNet(nn.Module):
             rule = ", rule SNR_Q > SNR_F" + (f" * 10^({m:g}/20)" if m else " (PTQD)")
         lines = [f"precision plan ({'mixed' if self.mixed else 'fixed'}{rule}, corrections "
                  f"{self.corrections.label()}{where}):"]
-        check = self.meta.calibration.get("correction_check")
         w = self.meta.recipe.weight_bits
         lines.append(f"  W{w}: " + format_plan_runs([(r["step"], r["timestep"], r["act_bits"]) for r in rows]))
         counts = {b: sum(r["act_bits"] == b for r in rows) for b in sorted({r["act_bits"] for r in rows})}
@@ -261,8 +260,8 @@ class QuantizedUNet(nn.Module):
                 shrink = [r["sigma2_calibrated"] / r["sigma2"] for r in rows if r.get("sigma2")]
                 if shrink:
                     lines.append(f"  VSC sigma'^2/sigma^2: {min(shrink):.4f} .. {max(shrink):.4f}")
-        if check:
-            lines.append("  " + format_correction_check(check))
+        if self.meta.calibration.get("correction_check"):
+            lines.append("  " + format_correction_check(self.meta.calibration["correction_check"]))
         return "\n".join(lines)
 
     def sample(self, scheduler, **kwargs) -> torch.Tensor:
