@@ -16,9 +16,9 @@ Quantized noise prediction ``ε̂ = ε + Δε`` with ``Δε = k·ε + Δ'`` per 
   types) and ``DDIMScheduler`` with ``η > 0`` — where ``c_t`` itself depends on ``σ`` and
   the equation is solved by bisection. Deterministic samplers (``σ_t = 0``) get ``k`` and
   the bias only.
-* Correction check (:func:`check_corrections`): at the end of calibration, each of k and
-  the bias is kept as the sampler's default only if it brings a few validation samples
-  closer to the float model's samples from the same seeds.
+* Correction check (:func:`check_corrections`): at the end of calibration, k and the bias
+  are each dropped from the sampler's default when they clearly move a few validation
+  samples away from the float model's samples from the same seeds.
 * Step-aware mixed precision (:func:`choose_bits`): per step the smallest activation bit
   width with ``SNR_Q > SNR_F = ᾱ_t / (1 − ᾱ_t)``, else the largest; ``recipe.mixed_margin_db``
   raises the bar to ``SNR_Q > SNR_F · 10^(margin/20)``.
@@ -437,7 +437,7 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
         scheduler, num_inference_steps)
     best = per_image(kept)
     mse = [["none", float(best.mean())]]   # in the order tried
-    changes, dropped = [], []
+    changes = []
     for name, flag in (("k", "correlated"), ("bias", "bias")):
         cand = dataclasses.replace(kept, **{flag: True})
         if flag == "correlated" and all(r["k"] == 0 for r in plan):
@@ -451,7 +451,6 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
         harmful = delta > CHECK_Z * se and delta > 0
         changes.append({"correction": name, "delta": delta, "se": se, "kept": not harmful})
         if harmful:
-            dropped.append(name)
             logger.warning("PTQD correction check: %s moved %d validation samples further from the float model's "
                            "(mean squared difference %.4g -> %.4g, +%.2g ± %.2g); the sampler will not apply it by "
                            "default", "the correlated-noise correction (k)" if name == "k" else "the bias correction",
@@ -460,8 +459,7 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
             kept, best = cand, d
     kept = dataclasses.replace(kept, variance=True)
     return {"samples": samples, "seed": seed, "steps": num_inference_steps, "z": CHECK_Z, "mse_vs_fp": mse,
-            "changes": changes, "kept": {"correlated": kept.correlated, "bias": kept.bias, "variance": kept.variance},
-            "dropped": dropped}
+            "changes": changes, "kept": {"correlated": kept.correlated, "bias": kept.bias, "variance": kept.variance}}
 
 
 def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, batch_size=None, sample_kwargs=None,

@@ -409,7 +409,7 @@ def test_correction_check_drops_a_correction_only_if_it_clearly_moves_samples_aw
     assert change["correction"] == "bias" and change["delta"] == pytest.approx(float(diff.mean()), rel=1e-4, abs=1e-9)
     assert change["se"] == pytest.approx(float(diff.std() / math.sqrt(8)), rel=1e-3)
     assert check["kept"]["bias"] == (not (diff.mean() > CHECK_Z * diff.std() / math.sqrt(8) and diff.mean() > 0))
-    assert check["kept"]["variance"] and ("bias" in check["dropped"]) == (not check["kept"]["bias"])
+    assert check["kept"]["variance"] and change["kept"] == check["kept"]["bias"]
     assert Corrections.default_for(meta) == Corrections(**check["kept"])
     assert QuantizedUNet(unet, meta, backend="simulate").corrections == Corrections(**check["kept"])
 
@@ -434,7 +434,8 @@ def test_correction_check_drops_statistics_that_push_samples_away_from_fp(mixed,
     k_change = check["changes"][0]
     assert k_change["correction"] == "k" and k_change["kept"] == check["kept"]["correlated"]
     assert check["kept"]["bias"] is False and check["kept"]["variance"] is True
-    assert check["dropped"][-1] == "bias" and "the bias correction moved 4 validation samples further" in caplog.text
+    assert check["changes"][-1] == {**check["changes"][-1], "correction": "bias", "kept": False}
+    assert "the bias correction moved 4 validation samples further" in caplog.text
     assert d["k"] == pytest.approx(float(_distance_to_fp(unet, bad, Corrections(True, False, False), 4, seed).mean()),
                                    rel=1e-5)
     assert "dropped bias (+" in QuantizedUNet(unet, dataclasses.replace(bad, corrections=check["kept"],
