@@ -43,7 +43,7 @@ from .split import find_split_layers, quantize_split_layer
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2   # 2: PTQD statistics stored per noise space; the check records per-image distances
 
 
 @dataclass

@@ -298,8 +298,14 @@ def format_correction_check(check: dict[str, Any]) -> str:
     mse = ", ".join(f"{k} {v:.4g}" for k, v in check["mse_vs_fp"])
     dropped = [f"{c['correction']} (+{c['delta']:.2g} ± {c['se']:.2g}: moved samples away from FP)"
                for c in check.get("changes", []) if not c["kept"]]
-    return (f"correction check ({check['samples']} samples, mean squared difference to FP's): {mse} -> default "
+    line = (f"correction check ({check['samples']} samples, mean squared difference to FP's): {mse} -> default "
             f"corrections {kept.label()}" + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+    choice = check.get("space_choice")
+    if choice:
+        line += (f"; statistics of the {'ε the scheduler step uses' if choice['chosen'] == 'sampler' else 'U-Net output'}"
+                 " chosen (" + ", ".join(f"{sp} space {choice['corrections'][sp]} {m:.4g}"
+                                         for sp, m in choice["mse_vs_fp"].items()) + ")")
+    return line
 
 
 def format_plan_runs(plan: Sequence[Sequence[int]]) -> str:

@@ -34,6 +34,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .metadata import NOISE_SPACES
+
 logger = logging.getLogger(__name__)
 
 # ============================================================================ statistics
@@ -331,34 +333,45 @@ def calibrate_activations(unet, calib, records: dict[str, Any], bits: int, recip
 
 @torch.no_grad()
 def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence[Optional[int]],
-                     progress: bool = True, scheduler=None) -> dict[int, list[StepNoise]]:
-    """Per precision, per time step of ``trajectory`` (inputs with FP predictions): PTQD stats
-    of the fake-quantized model against FP, over all images of the step. With ``scheduler``,
-    of the ε its step uses (:func:`effective_eps`: after its x0 clipping) rather than of the
-    U-Net's output; the trajectory inputs are then x_t (DDPM/DDIM do not scale them)."""
+                     progress: bool = True, scheduler=None,
+                     spaces: Sequence[str] = ("output",)) -> dict[str, dict[int, list[StepNoise]]]:
+    """Per noise space, per precision, per time step of ``trajectory`` (inputs with FP
+    predictions): PTQD stats of the fake-quantized model against FP, over all images of the
+    step. Spaces: ``"output"``, the U-Net's ε; ``"sampler"``, the ε ``scheduler``'s step uses
+    (:func:`effective_eps`: after its x0 clipping; the trajectory inputs are then x_t, which
+    DDPM/DDIM do not scale). Every space comes from the same U-Net evaluations."""
     from tqdm.auto import tqdm
 
     from .sampling import call_unet
     from .simulate import simulate
 
-    def used(x, t, e):
-        return e if scheduler is None else effective_eps(scheduler, x, t, e)
+    unknown = set(spaces) - set(NOISE_SPACES)
+    if unknown or not spaces:
+        raise ValueError(f"noise spaces must be some of {NOISE_SPACES}, got {list(spaces)}")
+    if "sampler" in spaces and scheduler is None:
+        raise ValueError("sampler-space statistics need the scheduler whose step uses the ε")
+
+    def used(space, x, t, e):
+        return e if space == "output" else effective_eps(scheduler, x, t, e)
 
     p = next(unet.parameters())
-    out: dict[int, list[StepNoise]] = {}
+    out: dict[str, dict[int, list[StepNoise]]] = {sp: {} for sp in spaces}
     for bits in precisions:
         view = meta.at_precision(bits)
-        by_t: dict[int, tuple[list, list]] = {}
+        by_t: dict[int, dict[str, tuple[list, list]]] = {}
         with simulate(unet, view):
             for s in tqdm(trajectory.steps, desc=f"PTQD statistics A{bits}", disable=not progress, leave=False):
                 kw = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in s.kwargs.items()}
                 eps_q = call_unet(unet, s.x.to(p.device, p.dtype), s.timestep.to(p.device), kw).float().cpu()
-                e, q = by_t.setdefault(int(s.timestep), ([], []))
-                x = s.x.float()
-                e.append(used(x, s.timestep, s.eps[:, :channels].float()))
-                q.append(used(x, s.timestep, eps_q[:, :channels]))
+                x, eps = s.x.float(), s.eps[:, :channels].float()
+                for sp in spaces:
+                    e, q = by_t.setdefault(int(s.timestep), {}).setdefault(sp, ([], []))
+                    e.append(used(sp, x, s.timestep, eps))
+                    q.append(used(sp, x, s.timestep, eps_q[:, :channels]))
         key = meta.default_act_bits if bits is None else bits
-        out[key] = [estimate_noise(torch.cat(e), torch.cat(q), t) for t, (e, q) in sorted(by_t.items(), reverse=True)]
+        for sp in spaces:
+            out[sp][key] = [estimate_noise(torch.cat(by[sp][0]), torch.cat(by[sp][1]), t)
+                            for t, by in sorted(by_t.items(), reverse=True)]
     return out
 
 
@@ -396,6 +409,14 @@ def _stats_state(stats: dict[int, list[StepNoise]]) -> dict[int, list[dict[str, 
 
 def _stats_from(state: dict[int, list[dict[str, Any]]]) -> dict[int, list[StepNoise]]:
     return {int(b): [StepNoise.from_dict(s) for s in v] for b, v in state.items()}
+
+
+def _spaces_state(stats: dict[str, dict[int, list[StepNoise]]]) -> dict[str, Any]:
+    return {sp: _stats_state(v) for sp, v in stats.items()}
+
+
+def _spaces_from(state: dict[str, Any]) -> dict[str, dict[int, list[StepNoise]]]:
+    return {sp: _stats_from(v) for sp, v in state.items()}
 
 
 CHECK_SEED_OFFSET = 104729   # validation seeds of the correction check: apart from calibration's and the statistics'
@@ -459,7 +480,27 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
             kept, best = cand, d
     kept = dataclasses.replace(kept, variance=True)
     return {"samples": samples, "seed": seed, "steps": num_inference_steps, "z": CHECK_Z, "mse_vs_fp": mse,
-            "changes": changes, "kept": {"correlated": kept.correlated, "bias": kept.bias, "variance": kept.variance}}
+            "changes": changes, "kept": {"correlated": kept.correlated, "bias": kept.bias, "variance": kept.variance},
+            "kept_per_image": [float(v) for v in best]}
+
+
+def choose_space(checks: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The noise space whose checked corrections leave the validation samples closest to FP's
+    (lowest mean of the per-image squared difference; a tie keeps ``"sampler"``), with the
+    record of the comparison: each space's mean, kept corrections, and the paired change
+    output − sampler ± its standard error."""
+    from .pipeline import Corrections
+
+    per = {sp: torch.tensor(c["kept_per_image"], dtype=torch.float64) for sp, c in checks.items()}
+    means = {sp: float(v.mean()) for sp, v in per.items()}
+    chosen = min(sorted(means, key=lambda sp: sp != "sampler"), key=means.get)
+    record: dict[str, Any] = {"mse_vs_fp": means, "corrections": {sp: Corrections(**c["kept"]).label()
+                                                                   for sp, c in checks.items()}, "chosen": chosen}
+    if set(per) == {"sampler", "output"}:
+        diff = per["output"] - per["sampler"]
+        record["delta"] = float(diff.mean())
+        record["se"] = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return chosen, record
 
 
 def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, batch_size=None, sample_kwargs=None,
@@ -494,7 +535,7 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
                 f"acts_all_A{b}", lambda b=b: calibrate_activations(unet, calib, meta.layers, b, recipe, seed=seed,
                                                                     progress=progress), _acts_state, _acts_from)
         stats = stages.run("plan_stats", lambda: noise_statistics(unet, meta, trajectory, channels, [None, *others],
-                                                                  progress), _stats_state, _stats_from)
+                                                                  progress)["output"], _stats_state, _stats_from)
         meta.precision_plan = plan_precisions(stats, scheduler, recipe.mixed_margin_db)
         # 2. each width's activation quantizers re-calibrated on its own steps (weights shared)
         plan = dict(meta.precision_plan)
@@ -515,19 +556,33 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
 
         trajectory = record(QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none(),
                                           mixed=bool(meta.precision_plan)))
-    meta.noise_space = "sampler" if recipe.noise_space == "sampler" and clips_x0(scheduler) else "output"
-    space = scheduler if meta.noise_space == "sampler" else None
-    meta.noise = stages.run(f"noise_{meta.noise_space}", lambda: noise_statistics(
-        unet, meta, trajectory, channels, [None, *sorted(meta.act_variants)], progress, scheduler=space),
-        _stats_state, _stats_from)
-    meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
-                                 "inputs": recipe.noise_inputs, "space": meta.noise_space,
-                                 "scheduler": type(scheduler).__name__, "eps_channels": channels}
+    # which ε the statistics describe: "auto" estimates both from the same U-Net evaluations and
+    # lets the correction check pick; without x0 clipping the two are the same ε
+    if not clips_x0(scheduler) or recipe.noise_space == "output":
+        spaces = ["output"]
+    elif recipe.noise_space == "sampler" or not recipe.check_samples:
+        spaces = ["sampler"]   # "auto" without a check: the ε the step uses
+    else:
+        spaces = ["sampler", "output"]
+    stats = stages.run("noise_" + "+".join(spaces), lambda: noise_statistics(
+        unet, meta, trajectory, channels, [None, *sorted(meta.act_variants)], progress, scheduler=scheduler,
+        spaces=spaces), _spaces_state, _spaces_from)
     meta.corrections = None
-    if recipe.check_samples:
-        check = stages.run(f"check_{meta.noise_space}", lambda: check_corrections(
+    checks: dict[str, dict[str, Any]] = {}
+    for sp in spaces if recipe.check_samples else ():
+        meta.noise, meta.noise_space = stats[sp], sp
+        checks[sp] = stages.run(f"check_{sp}", lambda: check_corrections(
             unet, scheduler, meta, num_inference_steps=num_inference_steps, samples=recipe.check_samples,
             seed=seed + CHECK_SEED_OFFSET, batch_size=batch_size, sample_kwargs=sample_kwargs, progress=progress),
             dict, dict)
-        meta.corrections = dict(check["kept"])
-        meta.calibration["correction_check"] = check
+    space = spaces[0]
+    if len(checks) > 1:
+        space, choice = choose_space(checks)
+        checks[space] = {**checks[space], "space_choice": choice}
+    meta.noise, meta.noise_space = stats[space], space
+    meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
+                                 "inputs": recipe.noise_inputs, "space": space, "spaces_estimated": spaces,
+                                 "scheduler": type(scheduler).__name__, "eps_channels": channels}
+    if checks:
+        meta.corrections = dict(checks[space]["kept"])
+        meta.calibration["correction_check"] = checks[space]

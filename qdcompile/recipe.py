@@ -62,18 +62,22 @@ class QuantRecipe:
       whose sampler leaves the FP trajectories (many A4 steps) the FP-trajectory statistics stop
       describing its error; measured on the MNIST margin-0 plan (output-space statistics) it did
       not make the corrections help (``bench/results/ptqd-corrections-colour-20261122.md``).
-    * ``noise_space``: which ε the statistics describe and the corrections act on. ``"sampler"``
-      (default): the ε the scheduler's step actually uses — for a DDPM scheduler that clips or
-      thresholds its x0 prediction (``clip_sample``), the ε recomputed from the clipped x0; the k
-      and bias corrections then run inside the scheduler step, after the clipping. With other
-      schedulers (no clipping; DDIM, whose direction term keeps the raw ε) it is the U-Net's
-      output, corrected in the last conv's epilogue. ``"output"``: always the U-Net's output
-      (PTQD as published). Clipping rectifies quantization noise (errors that push x0 past ±1
-      vanish, the others stay), so the output's mean error can have the opposite sign of the
-      error the sampler sees: on the MNIST mixed plan ``"output"`` made samples brighter and
-      worse (+7.9 FID), ``"sampler"`` removed the brightening (−5.0 FID, colour W2 −8 levels;
-      ``bench/results/ptqd-sampler-space-20261122.md``). The mixed-precision plan is chosen on the
-      U-Net output's SNR_Q either way (PTQD's rule).
+    * ``noise_space``: which ε the statistics describe and the corrections act on. ``"sampler"``:
+      the ε the scheduler's step actually uses — for a DDPM scheduler that clips or thresholds its
+      x0 prediction (``clip_sample``), the ε recomputed from the clipped x0; the k and bias
+      corrections then run inside the scheduler step, after the clipping. ``"output"``: the
+      U-Net's output (PTQD as published), corrected in the last conv's epilogue. With schedulers
+      that do not clip (DDIM, whose direction term keeps the raw ε; Stable Diffusion's) the two
+      are the same ε. Clipping rectifies quantization noise (errors that push x0 past ±1 vanish,
+      the others stay), so the output's mean error can have the opposite sign of the error the
+      sampler sees: on the MNIST mixed plan ``"output"`` made samples brighter and worse (+7.9
+      FID), ``"sampler"`` removed the brightening (−5.0 FID, colour W2 −8 levels;
+      ``bench/results/ptqd-sampler-space-20261122.md``); on the CIFAR-10 W4A8 model the output's
+      statistics bring samples closer to FP's. ``"auto"`` (default): with a clipping scheduler both
+      are estimated from the same U-Net evaluations, the correction check below runs on each, and
+      the space whose kept corrections leave its validation samples closer to FP's (lower mean
+      squared difference) is stored; without a check (``check_samples=0``) it is ``"sampler"``.
+      The mixed-precision plan is chosen on the U-Net output's SNR_Q either way (PTQD's rule).
     * ``check_samples``: the correction check at the end of calibration: ``check_samples`` fresh
       seeds are sampled with the float model and with the (simulated) quantized sampler without
       corrections, with k, then with k and bias; a correction is dropped from the sampler's default
@@ -83,7 +87,7 @@ class QuantRecipe:
       plan moved samples away from FP). VSC is not checked this way (it changes the injected noise,
       so it moves every sample by construction; it targets the variance, not the sample) and stays on.
       0 skips the check (all corrections are the default). Costs ``check_samples`` sampling runs of
-      the float model and of two or three quantized samplers.
+      the float model and of two or three quantized samplers per space checked.
     """
 
     name: str = "custom"
@@ -110,7 +114,7 @@ class QuantRecipe:
     act_bits_mixed: tuple[int, ...] = ()
     mixed_margin_db: float = 0.0
     noise_inputs: str = "fp"
-    noise_space: str = "sampler"
+    noise_space: str = "auto"
     check_samples: int = 8
     version: int = field(default=RECIPE_VERSION)
 
@@ -173,8 +177,8 @@ class QuantRecipe:
         object.__setattr__(self, "mixed_margin_db", float(self.mixed_margin_db))
         if self.noise_inputs not in ("fp", "quantized"):
             raise ValueError(f"QuantRecipe.noise_inputs must be 'fp' or 'quantized', got {self.noise_inputs!r}")
-        if self.noise_space not in ("sampler", "output"):
-            raise ValueError(f"QuantRecipe.noise_space must be 'sampler' or 'output', got {self.noise_space!r}")
+        if self.noise_space not in ("auto", "sampler", "output"):
+            raise ValueError(f"QuantRecipe.noise_space must be 'auto', 'sampler' or 'output', got {self.noise_space!r}")
         if not isinstance(self.check_samples, int) or isinstance(self.check_samples, bool) or self.check_samples < 0:
             raise ValueError(f"QuantRecipe.check_samples must be an integer >= 0, got {self.check_samples!r}")
         if self.version != RECIPE_VERSION:

@@ -272,8 +272,8 @@ def mixed(tmp_path_factory):
     from tests.tiny_models import scheduler
 
     unet = tiny_unet2d(seed=5)
-    meta = calibrate(unet, scheduler(), QuantRecipe.mixed(**_FAST), num_samples=3, num_inference_steps=6,
-                     progress=False, attach=False)
+    meta = calibrate(unet, scheduler(), QuantRecipe.mixed(noise_space="sampler", **_FAST), num_samples=3,
+                     num_inference_steps=6, progress=False, attach=False)
     path = meta.save(tmp_path_factory.mktemp("ptqd") / "tiny.mixed.qdiff")
     return unet, meta, path
 
@@ -299,7 +299,7 @@ def test_noise_statistics_on_the_quantized_samplers_own_trajectories(mixed):
     from tests.tiny_models import scheduler
 
     _, fp_inputs, _ = mixed
-    recipe = QuantRecipe.mixed(noise_inputs="quantized", **_FAST)
+    recipe = QuantRecipe.mixed(noise_inputs="quantized", noise_space="sampler", **_FAST)
     meta = calibrate(tiny_unet2d(seed=5), scheduler(), recipe, num_samples=3, num_inference_steps=6, progress=False,
                      attach=False)
     # the plan and the quantizers come from the same calibration; only the statistics' inputs differ
@@ -313,7 +313,7 @@ def test_noise_statistics_on_the_quantized_samplers_own_trajectories(mixed):
            num_inference_steps=6, generator=torch.Generator().manual_seed(7919), callback=recorder, progress=False,
            to_image=False)
     expected = noise_statistics(unet, meta, recorder.finish(unet), eps_channels(unet), [None, 4], progress=False,
-                                scheduler=scheduler())   # the ε the (clipping) DDPM step uses
+                                scheduler=scheduler(), spaces=["sampler"])["sampler"]   # the ε the DDPM step uses
     for bits in (4, 8):
         for got, want in zip(meta.noise[bits], expected[bits], strict=True):
             assert got.timestep == want.timestep and got.k == pytest.approx(want.k, abs=1e-6)
@@ -443,6 +443,49 @@ def test_correction_check_drops_statistics_that_push_samples_away_from_fp(mixed,
                                               backend="simulate").format_plan(scheduler(), 6)
 
 
+def test_auto_noise_space_keeps_the_space_whose_checked_corrections_stay_closest_to_fp(mixed):
+    """``noise_space="auto"`` (the default): with a clipping scheduler both spaces' statistics come
+    from the same U-Net evaluations, the check runs on each, and the space that leaves the
+    validation samples closer to FP's is stored, with the comparison."""
+    from qdcompile.pipeline import format_correction_check
+    from qdcompile.ptqd import choose_space
+    from tests.tiny_models import scheduler
+
+    unet, sampler_only, _ = mixed
+
+    def run(space):
+        return calibrate(tiny_unet2d(seed=5), scheduler(), QuantRecipe.mixed(noise_space=space, **_FAST),
+                         num_samples=3, num_inference_steps=6, progress=False, attach=False)
+
+    assert QuantRecipe.mixed().noise_space == "auto"
+    auto = run("auto")
+    single = {"sampler": sampler_only, "output": run("output")}
+    assert auto.calibration["noise"]["spaces_estimated"] == ["sampler", "output"]
+    check = auto.calibration["correction_check"]
+    choice = check["space_choice"]
+    per = {sp: torch.tensor(m.calibration["correction_check"]["kept_per_image"], dtype=torch.float64)
+           for sp, m in single.items()}
+    for sp, m in single.items():   # each space as a calibration in that space alone computes it
+        assert choice["mse_vs_fp"][sp] == pytest.approx(float(per[sp].mean()), rel=1e-6)
+        assert choice["corrections"][sp] == Corrections(**m.calibration["correction_check"]["kept"]).label()
+    chosen = min(per, key=lambda sp: float(per[sp].mean()))
+    assert choice["chosen"] == chosen == auto.noise_space == auto.calibration["noise"]["space"]
+    assert auto.noise == single[chosen].noise and auto.corrections == single[chosen].corrections
+    assert {k: v for k, v in check.items() if k != "space_choice"} == single[chosen].calibration["correction_check"]
+    assert single["output"].noise != single["sampler"].noise   # the tiny model clips: two different estimates
+    diff = per["output"] - per["sampler"]
+    assert choice["delta"] == pytest.approx(float(diff.mean()), rel=1e-6, abs=1e-12)
+    assert choice["se"] == pytest.approx(float(diff.std() / math.sqrt(len(diff))), rel=1e-6)
+    assert f"{chosen} space" in format_correction_check(check) and " chosen (" in format_correction_check(check)
+
+    def rec(v):
+        return {"kept_per_image": v, "kept": {"correlated": True, "bias": False, "variance": True}}
+
+    assert choose_space({"output": rec([2.0, 1.0]), "sampler": rec([1.0, 2.0])})[0] == "sampler"   # a tie
+    got, record = choose_space({"sampler": rec([1.0, 2.0]), "output": rec([1.2, 1.6])})
+    assert got == "output" and record["delta"] == pytest.approx(-0.1) and record["corrections"]["output"] == "k+VSC"
+
+
 def test_correction_check_off_and_metadata_field(mixed, tmp_path):
     import dataclasses
 
@@ -453,6 +496,7 @@ def test_correction_check_off_and_metadata_field(mixed, tmp_path):
                     num_inference_steps=6, progress=False, attach=False)
     assert off.corrections is None and "correction_check" not in off.calibration
     assert off.noise == meta.noise   # the check changes nothing else
+    assert off.noise_space == "sampler" and off.recipe.noise_space == "auto"   # nothing to choose by: the step's ε
     assert Corrections.default_for(off) == Corrections()
     with pytest.raises(ValueError, match="check_samples"):
         QuantRecipe.mixed(check_samples=-1)
