@@ -188,3 +188,45 @@ def test_fid_sensitivity_perturbations_have_their_stated_size():
     assert 255 * noise.std().item() == pytest.approx(8.0, rel=0.05) and abs(255 * noise.mean().item()) < 0.5
     blur = p["FP, 3x3 box blur"]
     assert blur.shape == fp.shape and blur.var() < fp.var()
+
+
+def test_replicates_summary_across_calibrations(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replicates", ROOT / "bench" / "replicates.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    deltas = (torch.randn(4, generator=g) + 0.5).tolist()   # ptqd − ptqd-raw per run
+    paths = []
+    for seed, d in zip((3, 1, 4, 2), deltas, strict=True):
+        lo, hi = d - 0.3, d + 0.3
+        fp = {"key": "fp", "status": "ok", "fid": 20.0}
+        raw = {"key": "ptqd-raw", "status": "ok", "fid": 19.0, "fid_vs_fp_samples": 0.4,
+               "fid_delta": [{"vs": "fp", "delta": -1.0, "ci95": [-1.5, -0.5]}]}
+        row = {"key": "ptqd", "status": "ok", "fid": 19.0 + d, "fid_vs_fp_samples": 0.3, "noise_space": "output",
+               "fid_delta": [{"vs": "fp", "delta": d - 1.0, "ci95": [d - 1.3, d - 0.7]},
+                             {"vs": "ptqd-raw", "delta": d, "ci95": [lo, hi]}]}
+        run = {"model": "cifar10", "qdcompile_version": "0", "torch_version": "0", "device": "cpu",
+               "date": "today", "command": f"bench/quality.py --seed {seed}", "options": {"seed": seed},
+               "configs": [fp, raw, row]}
+        paths.append(tmp_path / f"run{seed}.json")
+        paths[-1].write_text(json.dumps(run))
+    out = tmp_path / "summary.md"
+    assert rep.main([*map(str, paths), "--out", str(out)]) == 0
+    text = out.read_text()
+    seeds = [int(line.split("|")[1]) for line in text.splitlines() if line.startswith("| ") and "seed" not in line]
+    assert seeds == [1, 2, 3, 4]   # sorted by seed
+    t = torch.tensor(deltas, dtype=torch.float64)
+    want = f"{t.mean():+.2f} ± {t.std() / 2:.2f}"
+    above = sum(d - 0.3 > 0 for d in deltas)
+    below = sum(d + 0.3 < 0 for d in deltas)
+    assert f"* ΔFID ptqd − ptqd-raw: {want}; intervals: {above} above 0, {below} below 0, {4 - above - below} contain 0" \
+        in text
+    assert "* ΔFID ptqd-raw − FP: -1.00 ± 0.00; intervals: 0 above 0, 4 below 0" in text
+    assert "Δ colour W2" not in text.split("Across")[1]   # no such record: no line
+    bad = json.loads(paths[0].read_text())
+    bad["configs"][2]["status"] = "failed"
+    paths[0].write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match="configuration 'ptqd' did not run"):
+        rep.main([str(p) for p in paths])
