@@ -4,7 +4,11 @@ For each reference model / recipe / noise space, calibrates exactly as ``qdcompi
 (16 samples x 50 steps, 20 kept, seed 1, recon 40 / LSQ 20 iterations), prints the check's
 record (mean squared difference of the final samples to FP's, 8 validation seeds: none, k,
 k + bias; what it kept), then measures the same distances on ``--holdout`` fresh seeds the
-check never saw and says whether its decision agrees. CPU, simulate backend.
+check never saw: the bias correction's paired per-image change ± its standard error, and whether
+the check's decision agrees — it should drop the bias only where the held-out seeds show clear
+harm (more than 2 standard errors, the check's own rule) and keep it where they do not. CPU,
+simulate backend. ``auto`` cases say which space the check chose; the held-out seeds measure
+the chosen space's corrections only.
 
     python bench/correction_check.py [--holdout 64] [--cases mnist:ptqd:sampler,...] [--out DIR]
 """
@@ -20,6 +24,7 @@ import torch
 
 import qdcompile
 from qdcompile.pipeline import Corrections, QuantizedUNet, format_correction_check
+from qdcompile.ptqd import CHECK_Z, paired_change
 from qdcompile.sampling import sample
 
 CASES = ("mnist:ptqd:sampler", "mnist:ptqd:output", "mnist:mixed:sampler", "mnist:mixed:output",
@@ -27,8 +32,8 @@ CASES = ("mnist:ptqd:sampler", "mnist:ptqd:output", "mnist:mixed:sampler", "mnis
 HOLDOUT_SEED = 2024
 
 
-def distances(unet, sched, meta, n: int, seed: int) -> dict[str, float]:
-    """Mean squared difference to FP's final samples, same seeds: none, k, bias, k + bias (no VSC)."""
+def distances(unet, sched, meta, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per-image mean squared difference to FP's final samples, same seeds: none, k, bias, k + bias (no VSC)."""
     def run(model, s):
         return sample(model, s, num_images=n, num_inference_steps=50, generator=torch.Generator().manual_seed(seed),
                       progress=False, to_image=False, batch_size=64)
@@ -38,7 +43,7 @@ def distances(unet, sched, meta, n: int, seed: int) -> dict[str, float]:
     for corr in (Corrections.none(), Corrections(True, False, False), Corrections(False, True, False),
                  Corrections(True, True, False)):
         q = QuantizedUNet(unet, meta, backend="simulate", corrections=corr, mixed=bool(meta.precision_plan))
-        out[corr.label()] = float((run(q, q.wrap_scheduler(sched)) - fp).pow(2).mean())
+        out[corr.label()] = (run(q, q.wrap_scheduler(sched)) - fp).pow(2).flatten(1).mean(1).double()
     return out
 
 
@@ -63,16 +68,21 @@ def main() -> None:
         held = distances(unet, sched, meta, a.holdout, HOLDOUT_SEED)
         kept = Corrections(**check["kept"])
         base = held[Corrections(kept.correlated, False, False).label()] if kept.correlated else held["none"]
-        with_bias = held[Corrections(kept.correlated, True, False).label()]
-        agrees = (with_bias <= base) == kept.bias
-        print(f"  held-out {a.holdout} seeds: " + ", ".join(f"{k} {v:.4g}" for k, v in held.items())
-              + f" -> bias {'helps' if with_bias <= base else 'hurts'}; check {'agrees' if agrees else 'DISAGREES'}",
+        delta, se = paired_change(held[Corrections(kept.correlated, True, False).label()], base)
+        verdict = "hurts" if delta > CHECK_Z * se else "helps" if delta < -CHECK_Z * se else "within noise"
+        agrees = kept.bias != (verdict == "hurts")
+        means = {k: float(v.mean()) for k, v in held.items()}
+        print(f"  held-out {a.holdout} seeds: " + ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+              + f"; bias {delta:+.3g} ± {se:.2g} ({verdict}); check {'agrees' if agrees else 'DISAGREES'}",
               flush=True)
         rows.append({"case": case, "noise_space": meta.noise_space, "calibration_s": calib_s, "check": check,
-                     "holdout": {"samples": a.holdout, "seed": HOLDOUT_SEED, "mse_vs_fp": held}, "agrees": agrees})
+                     "holdout": {"samples": a.holdout, "seed": HOLDOUT_SEED, "mse_vs_fp": means,
+                                 "bias_change": {"delta": delta, "se": se, "verdict": verdict}},
+                     "agrees": agrees})
     out = Path(a.out) / f"correction-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_info = {"qdcompile": qdcompile.__version__, "torch": torch.__version__, "device": "cpu",
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                  "command": "python bench/correction_check.py " + " ".join(
                      f"--{k} {v}" for k, v in vars(a).items() if k != "out"), "rows": rows}
     tmp = out.with_suffix(".tmp")

@@ -944,6 +944,8 @@ def run_quality(opts: EvalOptions, unet=None, scheduler=None, log: Callable[[str
         "qdcompile_version": __version__, "torch_version": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        # calibration results differ (slightly) between CPUs whose kernels round differently
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "command": " ".join(sys.argv), "model": opts.model, "model_class": type(base).__name__,
         "scheduler": type(scheduler).__name__, "image_shape": list(shape),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},

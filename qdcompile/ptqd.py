@@ -423,6 +423,13 @@ CHECK_SEED_OFFSET = 104729   # validation seeds of the correction check: apart f
 CHECK_Z = 2.0                # a correction is dropped when it adds MSE to FP more than 2 standard errors above 0
 
 
+def paired_change(after: torch.Tensor, before: torch.Tensor) -> tuple[float, float]:
+    """Mean of the per-image change ``after - before`` (same seeds) and its standard error."""
+    diff = (after - before).double()
+    n = diff.numel()
+    return float(diff.mean()), float(diff.std() / math.sqrt(n)) if n > 1 else 0.0
+
+
 @torch.no_grad()
 def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, samples: int, seed: int,
                       batch_size=None, sample_kwargs=None, progress: bool = True) -> dict[str, Any]:
@@ -466,9 +473,7 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
             continue
         d = per_image(cand)
         mse.append([cand.label(), float(d.mean())])
-        diff = d - best
-        delta = float(diff.mean())
-        se = float(diff.std() / math.sqrt(samples)) if samples > 1 else 0.0
+        delta, se = paired_change(d, best)
         harmful = delta > CHECK_Z * se and delta > 0
         changes.append({"correction": name, "delta": delta, "se": se, "kept": not harmful})
         if harmful:
@@ -497,9 +502,7 @@ def choose_space(checks: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]
     record: dict[str, Any] = {"mse_vs_fp": means, "corrections": {sp: Corrections(**c["kept"]).label()
                                                                    for sp, c in checks.items()}, "chosen": chosen}
     if set(per) == {"sampler", "output"}:
-        diff = per["output"] - per["sampler"]
-        record["delta"] = float(diff.mean())
-        record["se"] = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        record["delta"], record["se"] = paired_change(per["output"], per["sampler"])
     return chosen, record
 
 
