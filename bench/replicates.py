@@ -65,11 +65,12 @@ def summarize(runs: Sequence[dict[str, Any]], config: str, vs: str) -> str:
     lines += ["", f"| seed | FID FP | FID {vs} | FID {config} | ΔFID {config} − {vs} | ΔFID {vs} − FP | "
                   f"ΔFID {config} − FP | Δ colour W2 {config} − {vs} | FID vs FP samples ({vs} → {config}) | "
                   "noise space |", "|" + "---|" * 10]
-    cols: dict[str, list] = {"cv": [], "vf": [], "cf": [], "w2": []}
+    cols: dict[str, list] = {"cv": [], "vf": [], "cf": [], "w2": [], "w2vf": [], "w2cf": []}
     for run in runs:
         fp, ref, row = _row(run, "fp"), _row(run, vs), _row(run, config)
         d = {"cv": _delta(row, "fid_delta", vs), "vf": _delta(ref, "fid_delta", "fp"),
-             "cf": _delta(row, "fid_delta", "fp"), "w2": _delta(row, "colour_delta", vs)}
+             "cf": _delta(row, "fid_delta", "fp"), "w2": _delta(row, "colour_delta", vs),
+             "w2vf": _delta(ref, "colour_delta", "fp"), "w2cf": _delta(row, "colour_delta", "fp")}
         for k, v in d.items():
             cols[k].append(v)
         lines.append(f"| {run['options']['seed']} | {fp['fid']:.3f} | {ref['fid']:.3f} | {row['fid']:.3f} | "
@@ -77,7 +78,8 @@ def summarize(runs: Sequence[dict[str, Any]], config: str, vs: str) -> str:
                      f"{ref.get('fid_vs_fp_samples', float('nan')):.3f} → {row.get('fid_vs_fp_samples', float('nan')):.3f}"
                      f" | {row.get('noise_space', '—')} |")
     names = {"cv": f"ΔFID {config} − {vs}", "vf": f"ΔFID {vs} − FP", "cf": f"ΔFID {config} − FP",
-             "w2": f"Δ colour W2 {config} − {vs}"}
+             "w2": f"Δ colour W2 {config} − {vs}", "w2vf": f"Δ colour W2 {vs} − FP",
+             "w2cf": f"Δ colour W2 {config} − FP"}
     lines += ["", "Across calibrations (mean ± standard error over runs; each run's 95% interval is a paired "
                   "bootstrap over its samples):", ""]
     for k, name in names.items():

@@ -203,7 +203,8 @@ def test_replicates_summary_across_calibrations(tmp_path):
         lo, hi = d - 0.3, d + 0.3
         fp = {"key": "fp", "status": "ok", "fid": 20.0}
         raw = {"key": "ptqd-raw", "status": "ok", "fid": 19.0, "fid_vs_fp_samples": 0.4,
-               "fid_delta": [{"vs": "fp", "delta": -1.0, "ci95": [-1.5, -0.5]}]}
+               "fid_delta": [{"vs": "fp", "delta": -1.0, "ci95": [-1.5, -0.5]}],
+               "colour_delta": [{"vs": "fp", "delta": 15.0 + seed, "ci95": [10.0 + seed, 20.0 + seed]}]}
         row = {"key": "ptqd", "status": "ok", "fid": 19.0 + d, "fid_vs_fp_samples": 0.3, "noise_space": "output",
                "fid_delta": [{"vs": "fp", "delta": d - 1.0, "ci95": [d - 1.3, d - 0.7]},
                              {"vs": "ptqd-raw", "delta": d, "ci95": [lo, hi]}]}
@@ -224,7 +225,8 @@ def test_replicates_summary_across_calibrations(tmp_path):
     assert f"* ΔFID ptqd − ptqd-raw: {want}; intervals: {above} above 0, {below} below 0, {4 - above - below} contain 0" \
         in text
     assert "* ΔFID ptqd-raw − FP: -1.00 ± 0.00; intervals: 0 above 0, 4 below 0" in text
-    assert "Δ colour W2" not in text.split("Across")[1]   # no such record: no line
+    assert "* Δ colour W2 ptqd-raw − FP: +17.50 ± 0.65; intervals: 4 above 0, 0 below 0, 0 contain 0" in text
+    assert "Δ colour W2 ptqd −" not in text.split("Across")[1]   # no such record: no line
     bad = json.loads(paths[0].read_text())
     bad["configs"][2]["status"] = "failed"
     paths[0].write_text(json.dumps(bad))
