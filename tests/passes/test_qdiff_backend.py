@@ -9,7 +9,7 @@ import qdcompile
 from equivalence import assert_matches_simulation, rel
 from qdcompile import QuantRecipe
 from qdcompile.api import report
-from qdcompile.kernels import prepare_weight, qconv2d, qlinear
+from qdcompile.kernels import prepare_weight, qconv2d, qconv2d_split, qlinear
 from qdcompile.layers import conv_linear_layers
 from qdcompile.passes.backend import last_rewrite_stats
 from qdcompile.simulate import fake_quant_input, simulate
@@ -155,7 +155,10 @@ def test_split_concat_layers_route_to_split_kernel():
     from qdcompile.kernels.quantizers import act_qparams, quantize_weight, weight_scales
     from qdcompile.metadata import SplitPart
 
-    unet, meta = _calibrated(tiny_unet2d, QuantRecipe.w8a8(), attach=False)
+    # The timestep embedding stays float: Inductor's vectorised sin/cos differ from eager's by up to
+    # ~3e-5 on some CPUs (measured on AVX2), enough to flip a quantized time-embedding input code,
+    # which moves every output and would mask what this test checks (the split routing and math).
+    unet, meta = _calibrated(tiny_unet2d, QuantRecipe.w8a8(skip=("time_embedding.*",)), attach=False)
     name = "up_blocks.0.resnets.0.conv_shortcut"
     mod = dict(unet.named_modules())[name]
     deep = unet.config.block_out_channels[-1]
@@ -186,3 +189,13 @@ def test_split_concat_layers_route_to_split_kernel():
     row = {r.name: r for r in report(fast).rows}[name]
     assert row.kernel == "qdiff.qconv2d_split [reference]" and row.bits == "W8A8/8 split"
     assert_matches_simulation(out, unet, meta, x, t)
+    # the split op itself on the layer's real input: fake-quant to float rounding
+    deep_in, skip_in = torch.split(captured[0], channels, 1)
+    ref = F.conv2d(fake_quant_input(rec, captured[0]),
+                   torch.cat([p.weight_q.float() * p.weight_scale.view(-1, 1, 1, 1) for p in parts], 1),
+                   mod.bias, mod.stride, mod.padding)
+    got = qconv2d_split([deep_in, skip_in], [prepare_weight(p.weight_q, 8) for p in parts],
+                        [p.weight_scale for p in parts], [p.act_scale for p in parts],
+                        [p.act_zero_point for p in parts], [8, 8], mod.kernel_size, mod.stride, mod.padding,
+                        bias=mod.bias)
+    assert rel(ref, got) < 1e-5
