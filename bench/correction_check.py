@@ -24,7 +24,7 @@ import torch
 
 import qdcompile
 from qdcompile.pipeline import Corrections, QuantizedUNet, format_correction_check
-from qdcompile.ptqd import CHECK_Z, paired_change
+from qdcompile.ptqd import change_verdict, paired_change
 from qdcompile.sampling import sample
 
 CASES = ("mnist:ptqd:sampler", "mnist:ptqd:output", "mnist:mixed:sampler", "mnist:mixed:output",
@@ -69,7 +69,7 @@ def main() -> None:
         kept = Corrections(**check["kept"])
         base = held[Corrections(kept.correlated, False, False).label()] if kept.correlated else held["none"]
         delta, se = paired_change(held[Corrections(kept.correlated, True, False).label()], base)
-        verdict = "hurts" if delta > CHECK_Z * se else "helps" if delta < -CHECK_Z * se else "within noise"
+        verdict = change_verdict(delta, se)
         agrees = kept.bias != (verdict == "hurts")
         means = {k: float(v.mean()) for k, v in held.items()}
         print(f"  held-out {a.holdout} seeds: " + ", ".join(f"{k} {v:.4g}" for k, v in means.items())

@@ -430,6 +430,16 @@ def paired_change(after: torch.Tensor, before: torch.Tensor) -> tuple[float, flo
     return float(diff.mean()), float(diff.std() / math.sqrt(n)) if n > 1 else 0.0
 
 
+def change_verdict(delta: float, se: float) -> str:
+    """"hurts" / "helps" when a paired change is more than :data:`CHECK_Z` standard errors above /
+    below 0 (the correction check's rule), else "within noise"."""
+    if delta > 0 and delta > CHECK_Z * se:
+        return "hurts"
+    if delta < 0 and delta < -CHECK_Z * se:
+        return "helps"
+    return "within noise"
+
+
 @torch.no_grad()
 def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, samples: int, seed: int,
                       batch_size=None, sample_kwargs=None, progress: bool = True) -> dict[str, Any]:
@@ -474,7 +484,7 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
         d = per_image(cand)
         mse.append([cand.label(), float(d.mean())])
         delta, se = paired_change(d, best)
-        harmful = delta > CHECK_Z * se and delta > 0
+        harmful = change_verdict(delta, se) == "hurts"
         changes.append({"correction": name, "delta": delta, "se": se, "kept": not harmful})
         if harmful:
             logger.warning("PTQD correction check: %s moved %d validation samples further from the float model's "
