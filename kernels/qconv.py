@@ -70,7 +70,7 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
             mask = row_ok[:, None] & (c0 + offs_c < C)[None, :]
         a = act_codes(ptrs, mask, act_scale, inv_scale, x_lo, x_hi, zero_point, ACT_BITS, INPUT_CODES, True)
         w = weight_tile(w_rows, r * C, c0, C, W_BITS, PAIRED, not EVEN_C, BLOCK_K)
-        acc = tl.dot(a, tl.trans(w), acc)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)   # explicit: Triton < 3.8 asserts otherwise
     return acc
 
 

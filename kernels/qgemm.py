@@ -165,7 +165,7 @@ def _gemm_part(acc, x_ptr, w_ptr, offs_m, offs_n, K, stride_xm, stride_xk, strid
         k_ok = (k0 + offs_k < K)[None, :]
         a = act_codes(x_ptrs, k_ok, act_scale, inv_scale, x_lo, x_hi, zero_point, ACT_BITS, INPUT_CODES, not EVEN_K)
         w = weight_tile(w_rows, 0, k0, K, W_BITS, True, not EVEN_K, BLOCK_K)
-        acc = tl.dot(a, tl.trans(w), acc)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)   # explicit: Triton < 3.8 asserts otherwise
         x_ptrs += BLOCK_K * stride_xk
     return acc
 
