@@ -169,7 +169,7 @@ class QuantizedUNet(nn.Module):
         the sampler's schedule (and compared with it on the device, see :meth:`check_schedule`)."""
         if not torch.is_tensor(timestep):
             return int(timestep)
-        if timestep.device.type == "cpu":
+        if _host_readable(timestep):
             return int(timestep.reshape(-1)[0])
         if self._schedule is not None and self._cursor < len(self._schedule):
             t = self._schedule[self._cursor]
@@ -338,6 +338,11 @@ class QuantizedUNet(nn.Module):
         for t in seen.values():
             call_unet(self, x, torch.tensor(t, device=self.device), kw)
         self.trace.clear()
+
+
+def _host_readable(t: torch.Tensor) -> bool:
+    """Reading ``t`` costs no device synchronisation."""
+    return t.device.type == "cpu"
 
 
 def format_correction_check(check: dict[str, Any]) -> str:
