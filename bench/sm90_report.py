@@ -139,8 +139,8 @@ def _variant(kind: str, bits: int, split: bool, codes: bool, by: dict) -> str:
     return f"{'gemm' if kind == 'gemm' else 'conv'}:{bits}" + (":codes" if codes else "")
 
 
-def model(facts: list[dict], max_split: int = 1) -> dict:
-    from qdcompile.kernels.autotune import kept_configs
+def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device_int8: bool = True) -> dict:
+    from qdcompile.kernels.autotune import kept_configs, split_k_for
     from qdcompile.kernels.layout import device_weight_bits
     from qdcompile.kernels.sm90_model import best_int8, fp16_seconds, DRAM_BYTES_S, FP16_FLOPS
 
@@ -163,10 +163,13 @@ def model(facts: list[dict], max_split: int = 1) -> dict:
             if unsupported:
                 t, cfg, sk, dev_bits = t16, "float (unsupported)", 1, 16
             else:
-                dev_bits = device_weight_bits("linear" if kind == "gemm" else "conv2d", s.n, s.k, s.m, bits)
-                variant = _variant(kind, dev_bits, split, True, by)
+                dev_bits = (device_weight_bits("linear" if kind == "gemm" else "conv2d", s.n, s.k, s.m, bits)
+                            if device_int8 else bits)
+                variant = _variant(kind, dev_bits, split, codes, by)
                 kept = {t.name: by[variant][t] for t in kept_configs(s.m, s.n, s.k, split) if t in by[variant]}
-                t, cfg, sk = best_int8(s, kept, dev_bits, max_split)
+                kept = kept or {t.name: f for t, f in by[variant].items()}     # facts of other tiles only
+                sk = 1 if split or not split_k_on else split_k_for(s.m, s.n, s.k)
+                t, cfg = best_int8(s, kept, dev_bits, sk)
             row[f"{key}_us"] = t * 1e6
             row[f"{key}_config"] = cfg + (f" split-K {sk}" if sk > 1 else "")
             row[f"{key}_device_bits"] = dev_bits
@@ -221,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--facts", type=Path, help="reuse the compile facts of an earlier run (JSON)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--max-split", type=int, default=None,
-                        help="largest split-K the model may use (default: what the GEMM launcher supports)")
+    parser.add_argument("--no-split-k", action="store_true", help="model the kernels without split-K")
+    parser.add_argument("--baseline", action="store_true",
+                        help="model the kernels before Fast path 2: float in (quantize-on-load), 4-bit weights "
+                             "unpacked in the K loop, no split-K (use with --facts of the old kernels)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--label", default="", help="suffix of the result files (e.g. 'before')")
     args = parser.parse_args(argv)
@@ -231,12 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     from qdcompile.kernels import autotune
 
     if args.facts:
-        facts = json.loads(args.facts.read_text())["facts"]
+        loaded = json.loads(args.facts.read_text())
+        facts = loaded["facts"] if isinstance(loaded, dict) else loaded
     else:
         facts = compile_facts(specs_for(args.variants, autotune.CANDIDATES), args.jobs)
-    max_split = args.max_split if args.max_split is not None else getattr(
-        __import__("qdcompile.kernels.qgemm", fromlist=["MAX_SPLIT_K"]), "MAX_SPLIT_K", 1)
-    m = model(facts, max_split)
+    m = model(facts, not (args.no_split_k or args.baseline), codes=not args.baseline, device_int8=not args.baseline)
     table = facts_table(facts)
     text = model_text(m)
     last = (f"predicted SD1.5 step speed-up vs FP16 compiled: W8A8 {m['speedup']['w8a8']:.2f}x, "
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"sm90-report-triton{triton.__version__}" + (f"-{args.label}" if args.label else "")
     meta = {"triton": triton.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python bench/sm90_report.py", *(argv if argv is not None else sys.argv[1:])]),
-            "max_split_k": max_split}
+            "split_k": not (args.no_split_k or args.baseline), "baseline": args.baseline}
     (args.out_dir / f"{stem}.json").write_text(json.dumps({**meta, "facts": facts, "model": m}, indent=1) + "\n")
     (args.out_dir / f"{stem}.md").write_text(
         f"# Static sm_90 report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items())

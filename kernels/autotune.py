@@ -5,8 +5,8 @@ problem), never listed per call site:
 
 * on a GPU: :data:`CANDIDATES`, eight Hopper tiles (``BLOCK_M × BLOCK_N × BLOCK_K``,
   warps, pipeline stages), each compiled for sm_90 by ``bench/sm90_report.py`` and checked
-  by ``tests/kernels/test_sm90_budgets.py``: no register spills in any kernel variant it is
-  kept for. :func:`prune_for_problem` keeps at most :data:`MAX_KEPT` of them per problem
+  by ``tests/kernels/test_sm90_compile.py`` (the tiles of highest register pressure): no
+  register spills in any kernel variant it is kept for. :func:`prune_for_problem` keeps at most :data:`MAX_KEPT` of them per problem
   (:func:`kept_configs`): large tiles for large ``M·N``, 64-row tiles for small ``M``
   (cross-attention K/V, 8² and 16² latents), no 256-wide tiles for the split-input variant
   (two accumulators), so the first call autotunes ≤ 6 configs, not 17.

@@ -111,23 +111,15 @@ def fp16_seconds(s: LayerShape) -> float:
 
 
 def best_int8(s: LayerShape, configs: "dict[str, KernelFacts]", weight_bits: int = 8,
-              max_split: int = 1) -> tuple[float, str, int]:
-    """Fastest (time, config name, split-K pieces) over ``configs`` and split-K ∈ {1, 2, 4, …}."""
-    best = None
-    for name, f in configs.items():
-        split = 1
-        while split <= max_split and math.ceil(s.k / split) >= f.block_k:
-            t = int8_seconds(s, f, weight_bits, split)
-            if best is None or t < best[0]:
-                best = (t, name, split)
-            split *= 2
-    if best is None:
+              split_k: int = 1) -> tuple[float, str]:
+    """Fastest (time, config name) over ``configs`` (the autotuner's kept configs) at the
+    launcher's split-K (``kernels.autotune.split_k_for``)."""
+    if not configs:
         raise ValueError("best_int8: no kernel config given")
-    return best
+    return min((int8_seconds(s, f, weight_bits, split_k), name) for name, f in configs.items())
 
 
-def prefer_float(s: LayerShape, configs: "dict[str, KernelFacts]", weight_bits: int = 8,
-                 max_split: int = 1) -> bool:
+def prefer_float(s: LayerShape, configs: "dict[str, KernelFacts]", weight_bits: int = 8, split_k: int = 1) -> bool:
     """The static decision "float is faster" for one layer: the FP16 library kernel is
     predicted faster than the best integer config (the layer then stays in float)."""
-    return fp16_seconds(s) < best_int8(s, configs, weight_bits, max_split)[0]
+    return fp16_seconds(s) < best_int8(s, configs, weight_bits, split_k)[0]
