@@ -3,13 +3,13 @@
 Configs are *generated* by :func:`matmul_configs` (a fixed candidate set, filtered per
 problem), never listed per call site:
 
-* on a GPU: :data:`CANDIDATES`, eight Hopper tiles (``BLOCK_M × BLOCK_N × BLOCK_K``,
+* on a GPU: :data:`CANDIDATES`, seven Hopper tiles (``BLOCK_M × BLOCK_N × BLOCK_K``,
   warps, pipeline stages), each compiled for sm_90 by ``bench/sm90_report.py`` and checked
   by ``tests/kernels/test_sm90_compile.py`` (the tiles of highest register pressure): no
   register spills in any kernel variant it is kept for. :func:`prune_for_problem` keeps at most :data:`MAX_KEPT` of them per problem
   (:func:`kept_configs`): large tiles for large ``M·N``, 64-row tiles for small ``M``
-  (cross-attention K/V, 8² and 16² latents), no 256-wide tiles for the split-input variant
-  (two accumulators), so the first call autotunes ≤ 6 configs, not 17.
+  (cross-attention K/V, 8² and 16² latents), at most 128×64 tiles for the split-input variant
+  (two accumulators; 128×128 spills there), so the first call autotunes ≤ 6 configs, not 17.
 * under the Triton interpreter (``TRITON_INTERPRET=1``): ONE small config. Autotuning
   there would only measure numpy, and small tiles keep the interpreted kernels fast
   while still exercising multi-tile grids, K tails and grouped program ordering.
@@ -42,8 +42,7 @@ class Tile(NamedTuple):
 # accumulator stays at ≤ 64 registers per thread; ≤ 64 KiB of staged operands, so two CTAs
 # fit per SM where the registers allow.
 CANDIDATES = (
-    Tile(128, 256, 64, 8, 3),
-    Tile(256, 128, 64, 8, 3),
+    Tile(128, 256, 64, 8, 3),     # (256×128×64 / 8 warps spills in the conv kernels: not a candidate)
     Tile(128, 128, 64, 8, 4),
     Tile(128, 128, 128, 8, 3),
     Tile(128, 64, 64, 4, 4),
@@ -77,7 +76,7 @@ def kept_configs(m: int, n: int, k: int, split: bool = False) -> list[Tile]:
     * ``M ≤ 256`` (cross-attention K/V, the 8²/16² latents at batch 2, the time embedding):
       64-row tiles only — more CTAs on 132 SMs;
     * ``M·N < 132 · 128²`` (fewer than one wave of 128×128 tiles): no 256-wide tiles;
-    * split input (two accumulators live): no 256-wide tiles;
+    * split input (two accumulators live): at most 128×64 (larger tiles spill);
     * ``BLOCK_K = 128`` only when ``K ≥ 512``.
     """
     cap_m = max(64, triton.next_power_of_2(m))
@@ -88,7 +87,9 @@ def kept_configs(m: int, n: int, k: int, split: bool = False) -> list[Tile]:
             continue
         if m <= 256 and t.block_m != 64:
             continue
-        if (split or m * n < 132 * 128 * 128) and max(t.block_m, t.block_n) == 256:
+        if m * n < 132 * 128 * 128 and max(t.block_m, t.block_n) == 256:
+            continue
+        if split and t.block_m * t.block_n > 128 * 64:
             continue
         if t.block_k == 128 and k < 512:
             continue

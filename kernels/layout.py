@@ -58,17 +58,19 @@ class PreparedWeight(NamedTuple):
     tapsum: torch.Tensor | None = None   # conv: int32 [KH·KW, N], Σ_c of each tap's codes (QPart.w_tapsum)
 
 
-# M (rows of the GEMM, output pixels of a conv, at batch 2) above which a 4-bit layer is
-# compute-bound on Hopper: no int4 MMA, unpacking in the K loop costs ~190 extra SASS
-# instructions per K step (bench/sm90_report.py), so the weight is kept as int8 there.
-INT4_ON_DEVICE_MAX_M = 256
+# M (rows of the GEMM, output pixels of a conv, at the expected batch) up to which a 4-bit
+# layer keeps packed int4 weights on the device. Hopper has no int4 MMA: unpacking in the K
+# loop costs ~180-450 extra SASS instructions per K step (bench/sm90_report.py), which the
+# static model finds slower than int8 on every SD 1.5 layer except the M = 2 time-embedding
+# GEMVs, where only the weight bytes count.
+INT4_ON_DEVICE_MAX_M = 16
 
 
 def device_weight_bits(op: str, n: int, k: int, m_hint: int, weight_bits: int) -> int:
     """Bits a layer's weight codes take on the device (the file keeps ``weight_bits``).
 
     4-bit layers stay packed only where the weight bytes dominate (``m_hint ≤``
-    :data:`INT4_ON_DEVICE_MAX_M`: cross-attention K/V, the time embedding, the 8² latents);
+    :data:`INT4_ON_DEVICE_MAX_M`: the time-embedding projections at small batch);
     elsewhere the codes are unpacked once, at compile time, to int8 and run the W8A8 kernel
     (same integers, same result, the int4 unpack off the K loop). ``m_hint``: GEMM rows at
     the expected batch (tokens for a linear, ``B·OH·OW`` for a conv). Pure function of shapes.

@@ -1,31 +1,39 @@
 """Quantized GEMM (linear layers): ``y = dequant(q(x) · W_qᵀ) + bias [+ bias_correction]``.
 
-One op family: W8A8, W4A8, W4A4 and the two-part split-concat input are variants of one
-kernel. The activation is quantized on load (float in, codes never written to memory),
-int32 accumulation, fp32 epilogue with zero-point folding (see :mod:`.layout`).
+One op family: W8A8, W4A8, W4A4, the two-part split-concat input and split-K are variants
+of one kernel. Two input paths, picked from the activation dtype:
+
+* **int8 codes in** (the main path): the producer of the activation already wrote the
+  *signed* codes ``q − 2^(b−1)`` (tensor cores take signed int8; the shift is folded into
+  the zero point, ``acc' − (Z − 2^(b−1))·rowsum = acc − Z·rowsum`` exactly). The loaded tile
+  goes to ``tl.dot`` untouched, so both operands reach shared memory by cp.async and the
+  wgmma reads them there (71 SASS instructions per thread per K step at 128×128×64, 8 warps);
+* **float in** (eager API): the float tile is quantized on load in registers
+  (:func:`.quantize.quantize_codes`, bit-exact with the reference quantizer).
 
 Epilogue order (the reference below defines it; kernels follow it):
 ``c_p = float32(acc_p − Z_p·rowsum_p) · float32(Δ_p · s_p[n])``, ``y = c_1 [+ c_2] + bias + bias_correction``
-in fp32, then cast to the activation dtype.
+in fp32, then cast to the output dtype.
 
 Kernel design (``_qgemm_kernel``):
 
-* grouped program ordering (``GROUP_M`` row-tiles share the weight tiles in L2);
-* per K step: load a float ``[BLOCK_M, BLOCK_K]`` tile of ``x`` through its strides,
-  quantize it in registers (:func:`.quantize.quantize_codes`, bit-exact with the reference
-  quantizer) to *signed* int8 ``q − 2^(b−1)`` (tensor cores take signed int8; the shift is
-  folded into the zero point, ``acc' − (Z − 2^(b−1))·rowsum = acc − Z·rowsum`` exactly);
-  load the int8 weight tile, or the packed int4 bytes and unpack them with shifts in
-  registers (layout of :mod:`.int4`); ``tl.dot`` int8 × int8 → int32;
+* grouped program ordering (``GROUP_M`` row-tiles share the weight tiles in L2); operand rows
+  clamped (a min, not an integer modulo), only the store masked;
+* per K step: the activation tile (codes, or quantized on load), the int8 weight tile or the
+  packed int4 bytes unpacked with shifts in registers (layout of :mod:`.int4`); ``tl.dot``
+  int8 × int8 → int32. Triton 3.6–3.9 wait for every int32-accumulator wgmma before the next
+  step (``wgmma.wait_group 0``: their software pipeliner only keeps fp32-accumulator MMAs in
+  flight); two CTAs per SM hide most of that where the registers allow;
 * ``SPLIT``: a second K loop over the second part (own activation quantizer, own weight
   slice, own accumulator): the concatenation is never built;
-* fp32 epilogue in registers in the reference order above, cast, masked store.
+* ``SPLIT_K``: program ``(tile, s)`` walks the ``s``-th share of K and stores its int32
+  partial sums; :func:`_splitk_epilogue_kernel` adds them (exact) and runs the epilogue —
+  for shapes whose tiles cannot fill the SMs (:func:`.autotune.split_k_for`);
+* fp32 epilogue in registers in the reference order above (per-column vectors loaded once
+  per tile, masked), cast, masked store.
 
-``CODES_IN`` (benchmarks and tests only): the activation tensors already hold the uint8
-codes; the kernel skips the quantization. It measures what fusing the quantizer costs.
-
-The device functions :func:`act_codes`, :func:`weight_tile` and :func:`dequant_part` are
-shared with the implicit-GEMM conv (:mod:`.qconv`).
+The device functions :func:`act_codes`, :func:`weight_tile`, :func:`dequant_part`,
+:func:`split_range` and :func:`store_partial` are shared with the implicit-GEMM conv (:mod:`.qconv`).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Model of one integer layer (``M × N × K`` GEMM, or the implicit GEMM of a conv
 
 * the tile grid ``⌈M/BM⌉·⌈N/BN⌉`` (× split-K pieces) is spread over the SMs; ``c`` CTAs
   are resident per SM (registers, shared memory and threads of the compiled kernel);
-* one K step of one CTA costs ``mma = BM·BN·BK / 4096`` cycles on the SM's tensor cores
-  (1979 dense int8 TOPS / 132 SMs / 1.83 GHz = 4096 int8 MACs per cycle per SM) and
+* one K step of one CTA costs ``mma = BM·BN·BK / (4096 · 0.9)`` cycles on the SM's tensor
+  cores (1979 dense int8 TOPS / 132 SMs / 1.83 GHz = 4096 int8 MACs per cycle per SM, at
+  :data:`INT8_MMA_EFFICIENCY` = 90 % sustained when fed) and
   ``issue = loop_instructions · warps / 4`` cycles of instruction issue (4 schedulers, one
   instruction per cycle each); with the MMA kept in flight (wait depth ≥ 1) a lone CTA's
   step is ``max(mma, issue)``, with ``wait 0`` every step it is ``mma + issue +``
@@ -42,6 +43,7 @@ REGS_PER_SM = 65536
 SMEM_PER_SM = 228 * 1024
 THREADS_PER_SM = 2048
 INT8_MACS_PER_CYCLE_SM = INT8_OPS / 2 / SMS / CLOCK_HZ     # = 4096
+INT8_MMA_EFFICIENCY = 0.9   # sustained fraction of the int8 MMA peak while the tensor cores are fed (assumed)
 WGMMA_LATENCY = 100          # cycles from the last wgmma issue to its wait returning (assumed)
 FP16_EFFICIENCY = 0.75       # fraction of FP16 peak cuBLAS/cuDNN reach on a conv/linear layer (assumed)
 LAUNCH_S = 2e-6              # one extra kernel launch inside a CUDA graph (assumed)
@@ -87,7 +89,7 @@ def int8_seconds(s: LayerShape, f: KernelFacts, weight_bits: int = 8, split_k: i
     tiles = math.ceil(s.m / f.block_m) * math.ceil(s.n / f.block_n)
     ctas = tiles * split_k
     steps = math.ceil(math.ceil(s.k / split_k) / f.block_k)
-    mma = f.block_m * f.block_n * f.block_k / INT8_MACS_PER_CYCLE_SM
+    mma = f.block_m * f.block_n * f.block_k / (INT8_MACS_PER_CYCLE_SM * INT8_MMA_EFFICIENCY)
     issue = f.loop_instructions * f.num_warps / 4
     lone = max(mma, issue) if f.wait_depth >= 1 else mma + issue + WGMMA_LATENCY
     per_sm = math.ceil(ctas / SMS)

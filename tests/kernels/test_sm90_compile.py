@@ -34,8 +34,8 @@ SPECS = [
     "gemm:8:codes@128x128x64w8s3",
     "conv:8:codes@128x128x64w8s4",
     # highest register pressure among the kept tiles of each kind
-    "gemm:8:codes@128x256x64w8s3", "conv:8:codes@256x128x64w8s3", "conv:8:codes@128x64x64w4s4",
-    "conv1:8:codes:split@128x128x64w8s4", "gemm:8:codes:splitk@64x64x128w4s3",
+    "conv1:8:codes@128x256x64w8s3", "conv:4:codes@128x256x64w8s3", "conv:8:codes@128x64x64w4s4",
+    "conv1:8:codes:split@64x128x64w4s4", "gemm:8:codes:splitk@64x64x128w4s3",
 ]
 
 
