@@ -164,6 +164,8 @@ def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device
     tot = {"fp16": 0.0, "w8a8": 0.0, "w4a8": 0.0, "w8a8_float_fallback": 0.0, "w4a8_float_fallback": 0.0}
     pointwise = {"fp16": 0.0, "q": 0.0}
     w_bytes = {"w8a8": 0, "w4a8": 0, "w4a8_file": 0}
+    kernels_needed = {"w8a8": set(), "w4a8": set()}
+    autotune_runs = {"w8a8": set(), "w4a8": set()}
     for name, kind, s, split, unsupported in layers:
         t16 = fp16_seconds(s)
         shared_input = name.endswith((".to_k", ".to_v"))   # same input as to_q / each other: one producer
@@ -184,6 +186,10 @@ def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device
                 kept = kept or {t.name: f for t, f in by[variant].items()}     # facts of other tiles only
                 sk = 1 if split or not split_k_on else split_k_for(s.m, s.n, s.k)
                 t, cfg = best_int8(s, kept, dev_bits, sk)
+            if not unsupported:
+                for tile in kept:
+                    kernels_needed[key].add((variant, tile, sk > 1))
+                    autotune_runs[key].add((variant, s.m, s.n, s.k, tile))
             row[f"{key}_us"] = t * 1e6
             row[f"{key}_config"] = cfg + (f" split-K {sk}" if sk > 1 else "")
             row[f"{key}_device_bits"] = dev_bits
@@ -198,7 +204,12 @@ def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device
     step = {"fp16": tot["fp16"] + attn + pointwise["fp16"]}
     for key in ("w8a8", "w4a8", "w8a8_float_fallback", "w4a8_float_fallback"):
         step[key] = tot[key] + attn + pointwise["q"]
-    return {"rows": rows, "layer_seconds": tot, "attention_seconds": attn, "pointwise_seconds": pointwise,
+    compile_s = [f["compile_s"] for f in facts if f.get("compile_s")]
+    mean_compile = sum(compile_s) / len(compile_s) if compile_s else None
+    first_call = {key: {"kernels": len(kernels_needed[key]), "autotune_runs": len(autotune_runs[key]),
+                        "compile_s": None if mean_compile is None else len(kernels_needed[key]) * mean_compile}
+                  for key in kernels_needed}
+    return {"rows": rows, "first_call": first_call, "mean_compile_s": mean_compile, "layer_seconds": tot, "attention_seconds": attn, "pointwise_seconds": pointwise,
             "step_seconds": step, "weight_bytes": w_bytes, "attn_macs": c.attn_macs, "layer_macs": c.layer_macs,
             "speedup": {k: step["fp16"] / v for k, v in step.items() if k != "fp16"}}
 
@@ -227,6 +238,12 @@ def model_text(m: dict) -> str:
         f"- float parts' share of the W8A8 step: {(m['attention_seconds'] + pw['q']) / st['w8a8']:.0%}",
         f"- device weight bytes: W8A8 {wb['w8a8'] / 2**20:.1f} MiB, W4A8 {wb['w4a8'] / 2**20:.1f} MiB on the device "
         f"({wb['w4a8_file'] / 2**20:.1f} MiB in the 4-bit file)",
+        "- first call (every layer integer): " + "; ".join(
+            f"{k.upper()} {v['kernels']} distinct kernel binaries (variant × kept tile × split-K), "
+            + (f"≈ {v['compile_s']:.0f} s of sm_90 compile at {m['mean_compile_s']:.1f} s each on this CPU"
+               if v["compile_s"] is not None else "compile time not measured in these facts")
+            + f", {v['autotune_runs']} autotune timing runs (distinct shape × kept config)"
+            for k, v in m["first_call"].items()),
         f"- speed-up with the float-is-faster decision: W8A8 {m['speedup']['w8a8_float_fallback']:.2f}x, "
         f"W4A8 {m['speedup']['w4a8_float_fallback']:.2f}x",
     ]

@@ -22,7 +22,8 @@ Facts (one dict per spec) — from the PTX, from the cubin's resource usage and 
   ``WARPGROUP.DEPBAR.LE gsb0, N`` in the loop (N ≥ 1: the MMA stays in flight across
   steps; 0: every step waits); ``loop_ldgsts`` / ``loop_tma`` (cp.async vs bulk tensor
   copies), ``loop_ldsm``, ``loop_sts`` (register → shared stores of an operand);
-* ``epilogue_instructions``: SASS instructions after the last K loop.
+* ``epilogue_instructions``: SASS instructions after the last K loop;
+* ``compile_s``: wall time of the compile (Triton cache off: ``TRITON_ALWAYS_COMPILE=1`` is set).
 
 Used by ``test_sm90_compile.py`` and ``bench/sm90_report.py``.
 """
@@ -35,9 +36,11 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_ALWAYS_COMPILE", "1")     # compile_s measures a compile, not a cache hit
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -163,8 +166,10 @@ def compile_variant(spec: str, sass: bool = True) -> dict:
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if signature[name].startswith("*") or (signature[name] == "i32"
                                                      and (name.startswith("stride") or name in _ALIGNED))}
+    t0 = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=False))
+    compile_s = time.perf_counter() - t0
     ptx = compiled.asm["ptx"]
     facts = {
         "variant": spec,
@@ -174,6 +179,7 @@ def compile_variant(spec: str, sass: bool = True) -> dict:
         "fma": len(re.findall(r"\bfma\.rn\.f32", ptx)),
         "cp_async": len(re.findall(r"cp\.async\.cg", ptx)),
         "shared_bytes": compiled.metadata.shared,
+        "compile_s": round(compile_s, 2),
     }
     if sass:
         facts.update(_sass_facts(compiled.asm["cubin"]))
