@@ -19,33 +19,79 @@ from typing import NamedTuple
 import torch
 
 from .int4 import pack_int4, unpack_int4
-from .quantizers import check_act_scale, check_bits, weight_qrange
+from .quantizers import check_act_scale, check_bits, quantize_act, weight_qrange
 
 
 class QPart(NamedTuple):
     """One quantized input part of a GEMM/conv (see module docstring)."""
 
-    x: torch.Tensor            # float activation (fp16/bf16/fp32)
+    x: torch.Tensor            # float activation (fp16/bf16/fp32), or int8 signed codes q − 2^(act_bits−1)
     w: torch.Tensor            # prepared weight codes [N, K] int8, or [N, ceil(K/2)] uint8 packed int4
     w_rowsum: torch.Tensor     # int32 [N]
     w_scale: torch.Tensor      # float32 [N]
     act_scale: float
     act_zero_point: int
     act_bits: int
+    # conv only, optional: int32 [KH·KW, N] per-tap weight sums (PreparedWeight.tapsum); with int8
+    # codes in and padding, lets the kernel zero-fill out-of-image taps (async copies straight to
+    # shared memory) and add back ``(Z − 2^(b−1))·Σ_{taps outside} tapsum`` in the epilogue
+    w_tapsum: torch.Tensor | None = None
+
+
+def part_codes(p: QPart) -> torch.Tensor:
+    """Unsigned activation codes ``q`` of a part (int16): its float activation quantized by its
+    quantizer, or its int8 signed codes shifted back (``q = code + 2^(b−1)``)."""
+    if p.x.dtype == torch.int8:
+        return p.x.to(torch.int16) + (1 << (p.act_bits - 1))
+    return quantize_act(p.x, p.act_scale, p.act_zero_point, p.act_bits).to(torch.int16)
+
+
+def signed_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit codes → the int8 signed codes ``q − 2^(b−1)`` the kernels take."""
+    return (q.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
 class PreparedWeight(NamedTuple):
     w: torch.Tensor
     rowsum: torch.Tensor
-    bits: int
+    bits: int            # bits of the codes *on the device*: 8 (int8 [N, K]) or 4 (packed [N, ⌈K/2⌉])
+    tapsum: torch.Tensor | None = None   # conv: int32 [KH·KW, N], Σ_c of each tap's codes (QPart.w_tapsum)
 
 
-def prepare_weight(weight_q: torch.Tensor, bits: int) -> PreparedWeight:
+# M (rows of the GEMM, output pixels of a conv, at the expected batch) up to which a 4-bit
+# layer keeps packed int4 weights on the device. Hopper has no int4 MMA: unpacking in the K
+# loop costs ~180-450 extra SASS instructions per K step (bench/sm90_report.py), which the
+# static model finds slower than int8 on every SD 1.5 layer except the M = 2 time-embedding
+# GEMVs, where only the weight bytes count.
+INT4_ON_DEVICE_MAX_M = 16
+
+
+def device_weight_bits(op: str, n: int, k: int, m_hint: int, weight_bits: int) -> int:
+    """Bits a layer's weight codes take on the device (the file keeps ``weight_bits``).
+
+    4-bit layers stay packed only where the weight bytes dominate (``m_hint ≤``
+    :data:`INT4_ON_DEVICE_MAX_M`: the time-embedding projections at small batch);
+    elsewhere the codes are unpacked once, at compile time, to int8 and run the W8A8 kernel
+    (same integers, same result, the int4 unpack off the K loop). ``m_hint``: GEMM rows at
+    the expected batch (tokens for a linear, ``B·OH·OW`` for a conv). Pure function of shapes.
+    """
+    check_bits(weight_bits, f"{op}: weight_bits")
+    if weight_bits == 4 and m_hint > INT4_ON_DEVICE_MAX_M:
+        return 8
+    return weight_bits
+
+
+def prepare_weight(weight_q: torch.Tensor, bits: int, device_bits: int | None = None) -> PreparedWeight:
     """Reorder (conv: ``[N, C, KH, KW] → [N, KH·KW·C]``), pack (4-bit) and row-sum weight codes.
 
-    Done once per layer at compile time, never per call.
+    ``device_bits`` (default ``bits``): 8 keeps ``bits``-bit codes as int8 on the device
+    (see :func:`device_weight_bits`); the result's ``bits`` is what the kernel must be
+    launched with. Done once per layer at compile time, never per call.
     """
     check_bits(bits, "weight_bits")
+    device_bits = bits if device_bits is None else device_bits
+    if device_bits not in (bits, 8):
+        raise ValueError(f"prepare_weight: device_bits must be {bits} or 8 for {bits}-bit codes, got {device_bits}")
     if weight_q.dtype != torch.int8:
         raise TypeError(f"weight codes must be int8 (int4 unpacked to int8 values), got {weight_q.dtype}")
     qmin, qmax = weight_qrange(bits)
@@ -59,8 +105,12 @@ def prepare_weight(weight_q: torch.Tensor, bits: int) -> PreparedWeight:
         raise ValueError(f"weight codes must be 2-D (linear) or 4-D (conv), got shape {list(weight_q.shape)}")
     flat = flat.contiguous()
     rowsum = flat.to(torch.int32).sum(dim=1, dtype=torch.int32)
-    w = pack_int4(flat) if bits == 4 else flat
-    return PreparedWeight(w, rowsum, bits)
+    w = pack_int4(flat) if device_bits == 4 else flat
+    tapsum = None
+    if weight_q.dim() == 4:
+        n, c, kh, kw = weight_q.shape
+        tapsum = flat.to(torch.int32).view(n, kh * kw, c).sum(dim=2, dtype=torch.int32).t().contiguous()
+    return PreparedWeight(w, rowsum, device_bits, tapsum)
 
 
 def unpack_weight(w: torch.Tensor, k: int, bits: int) -> torch.Tensor:
@@ -94,9 +144,8 @@ def check_parts(op: str, parts: "list[QPart] | tuple[QPart, ...]", weight_bits: 
     n = parts[0].w.shape[0] if parts[0].w.dim() == 2 else -1
     for i, p in enumerate(parts):
         where = f"{op}: part {i}" if len(parts) > 1 else op
-        if p.x.dtype not in _FLOAT_DTYPES and p.x.dtype != torch.int8:
-            raise TypeError(f"{where}: activation must be float16/bfloat16/float32 (or int8 signed codes "
-                            f"q − 2^(b−1)), got {p.x.dtype}")
+        if p.x.dtype not in _FLOAT_DTYPES + (torch.int8,):
+            raise TypeError(f"{where}: activation must be float16/bfloat16/float32 or int8 signed codes, got {p.x.dtype}")
         if p.x.dtype != parts[0].x.dtype:
             raise TypeError(f"{where}: all parts must share one dtype, got {p.x.dtype} and {parts[0].x.dtype}")
         for name, t in (("x", p.x), ("w", p.w), ("w_rowsum", p.w_rowsum), ("w_scale", p.w_scale)):

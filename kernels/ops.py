@@ -83,21 +83,6 @@ def _check_linear_geometry(op: str, parts: Sequence[QPart]) -> None:
             raise ValueError(f"{op}: split parts must share leading dims, got {list(x0.shape)} and {list(p.x.shape)}")
 
 
-def _check_codes(op: str, parts: Sequence[QPart], out_dtype) -> None:
-    codes = [p.x.dtype == torch.int8 for p in parts]
-    if any(codes) and out_dtype is None:
-        raise TypeError(f"{op}: int8 activation codes need out_dtype (the dtype of the float activation)")
-    if any(codes) != all(codes):
-        raise TypeError(f"{op}: either every part holds int8 codes or none does")
-
-
-def _for_launch(parts: Sequence[QPart]) -> tuple[list[QPart], bool]:
-    """Parts as the Triton launchers take them: float, or codes (``input_codes``)."""
-    if parts[0].x.dtype != torch.int8:
-        return list(parts), False
-    return [p._replace(x=qgemm.act_codes_reference(p)) for p in parts], True
-
-
 def run_qgemm(parts: Sequence[QPart], weight_bits: int, bias, bias_correction, out_dtype=None,
               kernel_wrapper=None) -> torch.Tensor:
     """Validate then run the linear family on the selected implementation (``kernel_wrapper``:
@@ -105,12 +90,20 @@ def run_qgemm(parts: Sequence[QPart], weight_bits: int, bias, bias_correction, o
     op = "qlinear_split" if len(parts) == 2 else "qlinear"
     _check_linear_geometry(op, parts)
     check_parts(op, parts, weight_bits, _linear_k, bias, bias_correction)
-    _check_codes(op, parts, out_dtype)
+    qgemm.codes_in(op, parts, out_dtype)
     if kernel_wrapper is None and kernel_mode(parts[0].x.device) == "reference":
         return qgemm.qgemm_reference(parts, weight_bits, bias, bias_correction, out_dtype=out_dtype)
-    launch_parts, codes = _for_launch(parts)
-    return qgemm.launch_qgemm(launch_parts, weight_bits, bias, bias_correction, input_codes=codes,
-                              out_dtype=out_dtype, kernel_wrapper=kernel_wrapper)
+    return qgemm.launch_qgemm(parts, weight_bits, bias, bias_correction, out_dtype=out_dtype,
+                              kernel_wrapper=kernel_wrapper)
+
+
+def _check_tapsum(op: str, parts: Sequence[QPart], kernel_size) -> None:
+    for i, p in enumerate(parts):
+        t = p.w_tapsum
+        want = [kernel_size[0] * kernel_size[1], p.w.shape[0]]
+        if t is not None and (t.dtype != torch.int32 or list(t.shape) != want or t.device != p.w.device):
+            raise ValueError(f"{op}: part {i} w_tapsum must be int32 {want} on {p.w.device} (per-tap weight sums, "
+                             f"PreparedWeight.tapsum), got {t.dtype} {list(t.shape)} on {t.device}")
 
 
 def run_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size, stride, padding,
@@ -119,14 +112,14 @@ def run_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size, stride, p
     op = "qconv2d_split" if len(parts) == 2 else "qconv2d"
     _check_conv_geometry(op, parts, kernel_size, stride, padding)
     check_parts(op, parts, weight_bits, _conv_k(kernel_size), bias, bias_correction)
-    _check_codes(op, parts, out_dtype)
+    _check_tapsum(op, parts, kernel_size)
+    qgemm.codes_in(op, parts, out_dtype)
     fmt = conv_memory_format(parts[0].x)
     if kernel_wrapper is None and kernel_mode(parts[0].x.device) == "reference":
         return qconv.qconv2d_reference(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias,
                                        bias_correction, memory_format=fmt, out_dtype=out_dtype)
-    launch_parts, codes = _for_launch(parts)
-    return qconv.launch_qconv2d(launch_parts, weight_bits, list(kernel_size), list(stride), list(padding), bias,
-                                bias_correction, input_codes=codes, out_dtype=out_dtype, memory_format=fmt,
+    return qconv.launch_qconv2d(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias,
+                                bias_correction, out_dtype=out_dtype, memory_format=fmt,
                                 kernel_wrapper=kernel_wrapper)
 
 
@@ -244,22 +237,22 @@ def _conv_fake(x: torch.Tensor, n: int, kernel_size, stride, padding, out_dtype)
 def qconv2d_op(x: torch.Tensor, w: torch.Tensor, w_rowsum: torch.Tensor, w_scale: torch.Tensor,
                act_scale: float, act_zero_point: int, act_bits: int, weight_bits: int,
                kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None, *,
-               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None,
+               w_tapsum: Optional[torch.Tensor] = None, *, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     return _qconv2d(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, kernel_size, stride,
-                    padding, bias=bias, bias_correction=bias_correction, out_dtype=out_dtype)
+                    padding, bias, bias_correction, w_tapsum, out_dtype=out_dtype)
 
 
 def _qconv2d(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, kernel_size, stride, padding,
-             bias=None, bias_correction=None, *, out_dtype=None, kernel_wrapper=None):
-    parts = [QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)]
+             bias=None, bias_correction=None, w_tapsum=None, *, out_dtype=None, kernel_wrapper=None):
+    parts = [QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, w_tapsum)]
     return run_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction, out_dtype,
                        kernel_wrapper)
 
 
 @qconv2d_op.register_fake
 def _(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, kernel_size, stride, padding,
-      bias=None, bias_correction=None, *, out_dtype=None):
+      bias=None, bias_correction=None, w_tapsum=None, *, out_dtype=None):
     return _conv_fake(x, w.shape[0], kernel_size, stride, padding, out_dtype)
 
 
@@ -269,18 +262,21 @@ def qconv2d_split_op(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, w2: t
                      act_scale1: float, act_scale2: float, act_zero_point1: int, act_zero_point2: int,
                      act_bits1: int, act_bits2: int, weight_bits: int,
                      kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None, *,
+                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None,
+                     w_tapsum1: Optional[torch.Tensor] = None, w_tapsum2: Optional[torch.Tensor] = None, *,
                      out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     return _qconv2d_split(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
                           act_zero_point1, act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride,
-                          padding, bias=bias, bias_correction=bias_correction, out_dtype=out_dtype)
+                          padding, bias, bias_correction, w_tapsum1, w_tapsum2, out_dtype=out_dtype)
 
 
 def _qconv2d_split(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
                    act_zero_point1, act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride, padding,
-                   bias=None, bias_correction=None, *, out_dtype=None, kernel_wrapper=None):
+                   bias=None, bias_correction=None, w_tapsum1=None, w_tapsum2=None, *, out_dtype=None,
+                   kernel_wrapper=None):
     parts = _split_parts(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
                          act_zero_point1, act_zero_point2, act_bits1, act_bits2)
+    parts = [parts[0]._replace(w_tapsum=w_tapsum1), parts[1]._replace(w_tapsum=w_tapsum2)]
     return run_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction, out_dtype,
                        kernel_wrapper)
 
@@ -288,7 +284,7 @@ def _qconv2d_split(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act
 @qconv2d_split_op.register_fake
 def _(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2, act_zero_point1,
       act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride, padding, bias=None, bias_correction=None,
-      *, out_dtype=None):
+      w_tapsum1=None, w_tapsum2=None, *, out_dtype=None):
     return _conv_fake(x1, w1.shape[0], kernel_size, stride, padding, out_dtype)
 
 

@@ -16,8 +16,13 @@ inner, so each activation load is ``BLOCK_K`` consecutive channels of one pixel
 by scalar arithmetic) so Triton software-pipelines across the ``(kh, kw)`` boundaries
 instead of draining its pipeline ``KH·KW`` times per tile; the padding mask is a
 ``[BLOCK_M]`` row vector, recomputed from the hoisted geometry with four compares per
-step, never per element. Out-of-image pixels load as real zero, which quantizes to ``Z``:
-padding with the code of zero, exactly as the reference pads the codes.
+step, never per element. Float in: out-of-image pixels load as real zero, which quantizes
+to ``Z``: padding with the code of zero, exactly as the reference pads the codes. Int8 codes
+in: with the per-tap weight sums (``QPart.w_tapsum``) out-of-image taps are zero-filled by the
+async copy and :func:`pad_correction` adds ``(Z − 2^(b−1))·Σ_{taps outside} tapsum`` once per
+tile (the A tile then never passes through registers: 113 instead of 248 SASS instructions
+per K step at 128×128×64); without them the load reads the padding code ``Z − 2^(b−1)``
+(a select in registers). Split-K as in :mod:`.qgemm` (one input part, channels-last output).
 """
 
 from __future__ import annotations
@@ -29,11 +34,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .autotune import AUTOTUNE_PRUNE, launch_options, matmul_configs
-from .layout import QPart, unpack_weight
-from .qgemm import (MAX_K, _epilogue, _unwrapped, act_codes, act_codes_reference, add_bias, add_bias_terms,
-                    check_device, check_span,
-                    dequant_part, grouped_tile, weight_tile)
+from .autotune import AUTOTUNE_PRUNE, launch_options, matmul_configs, split_k_for
+from .layout import QPart, part_codes, unpack_weight
+from .qgemm import (MAX_K, _epilogue, _identity, act_codes, add_bias, add_bias_terms, check_device, check_span,
+                    check_split_k, codes_in, dequant_part, grouped_tile, split_range, splitk_epilogue, store_partial,
+                    weight_rows, weight_tile)
 from .quantize import act_quant_constants
 
 
@@ -48,14 +53,23 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
                stride_xb, stride_xc, stride_xh, stride_xw, stride_wn,
                act_scale, inv_scale, x_lo, x_hi, zero_point,
                KH: tl.constexpr, KW: tl.constexpr, ACT_BITS: tl.constexpr, W_BITS: tl.constexpr,
-               INPUT_CODES: tl.constexpr, EVEN_C: tl.constexpr, PAIRED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Implicit-GEMM K loop of one input part: ``acc += (q(x) − 2^(b−1)) ⊛ W_q`` (int32)."""
+               CODES_IN: tl.constexpr, ZERO_FILL: tl.constexpr, EVEN_C: tl.constexpr, PAIRED: tl.constexpr,
+               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Implicit-GEMM K loop of one input part: ``acc += (q(x) − 2^(b−1)) ⊛ W_q`` (int32).
+
+    ``ZERO_FILL`` (codes in): out-of-image taps read 0 instead of the padding code (a plain
+    zero-filling async copy; :func:`pad_correction` adds the difference back)."""
+    if ZERO_FILL:
+        pad_code = 0
+    else:
+        pad_code = zero_point - (1 << (ACT_BITS - 1))
     offs_c = tl.arange(0, BLOCK_K)
     pix = offs_b * stride_xb + ih0 * stride_xh + iw0 * stride_xw     # [BLOCK_M] top-left tap offsets
     chan = offs_c[None, :] * stride_xc                                 # [1, BLOCK_K]
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     n_cblk = tl.cdiv(C, BLOCK_K)
-    for it in range(0, KH * KW * n_cblk):
+    it_lo, it_hi = split_range(KH * KW * n_cblk, SPLIT_K)
+    for it in range(it_lo, it_hi):
         r = it // n_cblk                     # tap index kh·KW + kw
         c0 = (it - r * n_cblk) * BLOCK_K     # first channel of the block
         kh = r // KW
@@ -68,9 +82,27 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
             mask = row_ok[:, None]
         else:
             mask = row_ok[:, None] & (c0 + offs_c < C)[None, :]
-        a = act_codes(ptrs, mask, act_scale, inv_scale, x_lo, x_hi, zero_point, ACT_BITS, INPUT_CODES, True)
+        a = act_codes(ptrs, mask, act_scale, inv_scale, x_lo, x_hi, zero_point, pad_code, ACT_BITS, CODES_IN, True)
         w = weight_tile(w_rows, r * C, c0, C, W_BITS, PAIRED, not EVEN_C, BLOCK_K)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)   # explicit: Triton < 3.8 asserts otherwise
+    return acc
+
+
+@triton.jit
+def pad_correction(acc, tapsum_ptr, ih0, iw0, rn, N, H, W, zero_point, ACT_BITS: tl.constexpr, KH: tl.constexpr,
+                   KW: tl.constexpr):
+    """``acc + (Z − 2^(b−1)) · Σ_{taps outside the image} tapsum[tap, n]``: the padding-code
+    products a zero-filled K loop left out (exact int32). Once per tile, ``KH·KW`` steps of a
+    run-time loop (unrolled, the compiler hoists all taps' loads and spills)."""
+    pad_code = zero_point - (1 << (ACT_BITS - 1))
+    n_ok = rn < N
+    for r in range(0, KH * KW):
+        kh = r // KW
+        ih = ih0 + kh
+        iw = iw0 + (r - kh * KW)
+        outside = ((ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)).to(tl.int32) * pad_code
+        tap = tl.load(tapsum_ptr + r * N + rn, mask=n_ok, other=0)
+        acc += outside[:, None] * tap[None, :]
     return acc
 
 
@@ -81,19 +113,20 @@ def _heuristics():
         # int4 tiles are whole bytes when every tap's segment starts at an even code
         "PAIRED1": lambda a: a["C1"] % 2 == 0,
         "PAIRED2": lambda a: a["C2"] % 2 == 0,
+        "PADDED": lambda a: a["pad_h"] > 0 or a["pad_w"] > 0,
     }
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "N", "C1", "C2", "KH", "KW", "ACT_BITS1", "ACT_BITS2", "W_BITS",
-                                                  "SPLIT", "INPUT_CODES"],
+                                                  "SPLIT", "CODES_IN", "SPLIT_K"],
                  prune_configs_by=AUTOTUNE_PRUNE)
 @triton.heuristics(_heuristics())
 @triton.jit
 def _qconv2d_kernel(
     # pointers
-    x1_ptr, w1_ptr, rowsum1_ptr, w_scale1_ptr,
-    x2_ptr, w2_ptr, rowsum2_ptr, w_scale2_ptr,
-    bias_ptr, bias_correction_ptr, y_ptr,
+    x1_ptr, w1_ptr, rowsum1_ptr, w_scale1_ptr, tapsum1_ptr,
+    x2_ptr, w2_ptr, rowsum2_ptr, w_scale2_ptr, tapsum2_ptr,
+    bias_ptr, bias_correction_ptr, y_ptr, partial_ptr,
     # sizes
     M, N, C1, C2, H, W, OH, OW,
     # strides (activations [B, C, H, W] and output [B, N, OH, OW] in element units)
@@ -109,16 +142,17 @@ def _qconv2d_kernel(
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr,
     ACT_BITS1: tl.constexpr, ACT_BITS2: tl.constexpr, W_BITS: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BC: tl.constexpr, INPUT_CODES: tl.constexpr,
-    EVEN_C1: tl.constexpr, EVEN_C2: tl.constexpr, PAIRED1: tl.constexpr, PAIRED2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BC: tl.constexpr, CODES_IN: tl.constexpr,
+    HAS_TAPSUM1: tl.constexpr, HAS_TAPSUM2: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_C1: tl.constexpr, EVEN_C2: tl.constexpr, PAIRED1: tl.constexpr, PAIRED2: tl.constexpr, PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- program id → tile (grouped ordering)
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = rm % M          # wrapped: loads stay in bounds, only the store is masked
-    offs_n = rn % N
+    offs_m = tl.minimum(rm, M - 1)     # clamped: operand loads stay in bounds, only the store is masked
+    offs_n = tl.minimum(rn, N - 1)
 
     # -- per-row output pixel → batch and top-left input pixel (hoisted out of the K loop)
     ohw = OH * OW
@@ -134,16 +168,28 @@ def _qconv2d_kernel(
     acc = _conv_part(acc, x1_ptr, w1_ptr, offs_b, ih0, iw0, offs_n, H, W, C1,
                      stride_x1b, stride_x1c, stride_x1h, stride_x1w, stride_w1n,
                      act_scale1, inv_scale1, x_lo1, x_hi1, zero_point1,
-                     KH, KW, ACT_BITS1, W_BITS, INPUT_CODES, EVEN_C1, PAIRED1, BLOCK_K)
-    y = dequant_part(acc, rowsum1_ptr, w_scale1_ptr, offs_n, act_scale1, zero_point1, ACT_BITS1)
+                     KH, KW, ACT_BITS1, W_BITS, CODES_IN, CODES_IN and (HAS_TAPSUM1 or not PADDED), EVEN_C1, PAIRED1,
+                     BLOCK_K, SPLIT_K)
+    if CODES_IN and HAS_TAPSUM1 and PADDED:
+        if SPLIT_K == 1:
+            acc = pad_correction(acc, tapsum1_ptr, ih0, iw0, rn, N, H, W, zero_point1, ACT_BITS1, KH, KW)
+        elif tl.program_id(1) == 0:      # split-K: added once, by the first piece
+            acc = pad_correction(acc, tapsum1_ptr, ih0, iw0, rn, N, H, W, zero_point1, ACT_BITS1, KH, KW)
+    if SPLIT_K > 1:          # one input part only; the epilogue runs in qgemm._splitk_epilogue_kernel
+        store_partial(partial_ptr, acc, rm, rn, M, N)
+        return
+    y = dequant_part(acc, rowsum1_ptr, w_scale1_ptr, rn, N, act_scale1, zero_point1, ACT_BITS1)
     if SPLIT:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         acc2 = _conv_part(acc2, x2_ptr, w2_ptr, offs_b, ih0, iw0, offs_n, H, W, C2,
                           stride_x2b, stride_x2c, stride_x2h, stride_x2w, stride_w2n,
                           act_scale2, inv_scale2, x_lo2, x_hi2, zero_point2,
-                          KH, KW, ACT_BITS2, W_BITS, INPUT_CODES, EVEN_C2, PAIRED2, BLOCK_K)
-        y = y + dequant_part(acc2, rowsum2_ptr, w_scale2_ptr, offs_n, act_scale2, zero_point2, ACT_BITS2)
-    y = add_bias_terms(y, bias_ptr, bias_correction_ptr, offs_n, HAS_BIAS, HAS_BC)
+                          KH, KW, ACT_BITS2, W_BITS, CODES_IN, CODES_IN and (HAS_TAPSUM2 or not PADDED), EVEN_C2,
+                          PAIRED2, BLOCK_K, 1)
+        if CODES_IN and HAS_TAPSUM2 and PADDED:
+            acc2 = pad_correction(acc2, tapsum2_ptr, ih0, iw0, rn, N, H, W, zero_point2, ACT_BITS2, KH, KW)
+        y = y + dequant_part(acc2, rowsum2_ptr, w_scale2_ptr, rn, N, act_scale2, zero_point2, ACT_BITS2)
+    y = add_bias_terms(y, bias_ptr, bias_correction_ptr, rn, N, HAS_BIAS, HAS_BC)
 
     # -- masked store through the output strides (channels-last: row-major [M, N])
     out_rows = offs_b * stride_yb + oh * stride_yh + ow * stride_yw
@@ -155,20 +201,22 @@ def _qconv2d_kernel(
 
 def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int], bias: torch.Tensor | None, bias_correction: torch.Tensor | None,
-                   input_codes: bool = False, out_dtype: torch.dtype | None = None,
-                   memory_format: torch.memory_format = torch.channels_last, kernel_wrapper=None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None,
+                   memory_format: torch.memory_format = torch.channels_last, kernel_wrapper=None,
+                   split_k: int | None = None) -> torch.Tensor:
     """Launch the conv kernel.
 
-    ``input_codes``: ``parts[i].x`` already holds uint8 codes (benchmark/test path; output
-    dtype ``out_dtype``, default float16). ``memory_format``: layout of the output, which
-    the kernel writes through its strides (channels-last by default, the fast layout).
+    ``parts[i].x``: float activations ``[B, C, H, W]`` (any strides; channels-last is the
+    fast layout) or int8 signed codes (``out_dtype`` required; padding reads the code of
+    zero ``Z − 2^(b−1)``; with ``w_tapsum`` the tile is zero-filled and corrected in the
+    epilogue), see :func:`.qgemm.codes_in`. ``memory_format``: layout of the output, which
+    the kernel writes through its strides. ``kernel_wrapper``, ``split_k``: as in
+    :func:`.qgemm.launch_qgemm` (split-K only for one part and a channels-last output).
     """
     op = "qconv2d_split" if len(parts) == 2 else "qconv2d"
     check_device(op, [t for p in parts for t in (p.x, p.w, p.w_rowsum, p.w_scale)]
                  + [t for t in (bias, bias_correction) if t is not None])
-    if input_codes and any(p.x.dtype != torch.uint8 for p in parts):
-        raise TypeError(f"{op}: input_codes=True needs uint8 activation codes")
-    out_dtype = (out_dtype or torch.float16) if input_codes else parts[0].x.dtype
+    codes, out_dtype = codes_in(op, parts, out_dtype)
     kh, kw = (int(v) for v in kernel_size)
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
@@ -176,7 +224,7 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
     b, _, h, w = x1.shape
     oh, ow = conv_out_size(h, kh, sh, ph), conv_out_size(w, kw, sw, pw)
     n = parts[0].w.shape[0]
-    ws = [p.w.contiguous() for p in parts]
+    ws = weight_rows(op, parts)
     for i, p in enumerate(parts):
         if kh * kw * p.x.shape[1] > MAX_K:
             raise ValueError(f"{op}: part {i} has K={kh * kw * p.x.shape[1]} > {MAX_K}: "
@@ -189,11 +237,20 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
         return y
     p1, p2 = parts[0], parts[-1]
     split = len(parts) == 2
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    (kernel_wrapper or _unwrapped)(_qconv2d_kernel)[grid](
-        p1.x, ws[0], p1.w_rowsum, p1.w_scale,
-        p2.x, ws[-1], p2.w_rowsum, p2.w_scale,
+    flat_out = memory_format == torch.channels_last      # y viewed as [M, N] row-major
+    if split_k is None:
+        split_k = split_k_for(m, n, kh * kw * p1.x.shape[1]) if not split and flat_out else 1
+    split_k = check_split_k(op, split_k, len(parts))
+    if split_k > 1 and not flat_out:
+        raise ValueError(f"{op}: split_k > 1 needs a channels-last output")
+    partial = torch.empty((split_k, m, n), dtype=torch.int32, device=y.device) if split_k > 1 else p1.w_rowsum
+    wrap = kernel_wrapper or _identity
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
+    wrap(_qconv2d_kernel)[grid](
+        p1.x, ws[0], p1.w_rowsum, p1.w_scale, p1.w_tapsum if p1.w_tapsum is not None else p1.w_rowsum,
+        p2.x, ws[-1], p2.w_rowsum, p2.w_scale, p2.w_tapsum if p2.w_tapsum is not None else p2.w_rowsum,
         bias if bias is not None else p1.w_scale, bias_correction if bias_correction is not None else p1.w_scale, y,
+        partial,
         m, n, p1.x.shape[1], p2.x.shape[1] if split else 0, h, w, oh, ow,
         *p1.x.stride(), *p2.x.stride(),
         ws[0].stride(0), ws[-1].stride(0),
@@ -202,9 +259,12 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
         *act_quant_constants(op, p1.act_scale, p1.act_zero_point, p1.act_bits), int(p1.act_zero_point),
         *act_quant_constants(op, p2.act_scale, p2.act_zero_point, p2.act_bits), int(p2.act_zero_point),
         KH=kh, KW=kw, ACT_BITS1=int(p1.act_bits), ACT_BITS2=int(p2.act_bits), W_BITS=int(weight_bits), SPLIT=split,
-        HAS_BIAS=bias is not None, HAS_BC=bias_correction is not None, INPUT_CODES=bool(input_codes),
+        HAS_BIAS=bias is not None, HAS_BC=bias_correction is not None, CODES_IN=codes,
+        HAS_TAPSUM1=p1.w_tapsum is not None, HAS_TAPSUM2=p2.w_tapsum is not None, SPLIT_K=split_k,
         **launch_options(),
     )
+    if split_k > 1:
+        splitk_epilogue(wrap, partial, p1, bias, bias_correction, y, m, n, n, 1)
     return y
 
 
@@ -224,18 +284,21 @@ def qconv2d_reference(parts: Sequence[QPart], weight_bits: int, kernel_size: Seq
                       bias_correction: torch.Tensor | None = None,
                       memory_format: torch.memory_format = torch.channels_last,
                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Pure-torch definition of the quantized conv (exact integer contraction in float64)."""
+    """Pure-torch definition of the quantized conv (exact integer contraction in float64).
+
+    Parts may hold int8 signed codes (``out_dtype`` then gives the output dtype)."""
+    _, out_dtype = codes_in("qconv2d_reference", parts, out_dtype)
     kh, kw = kernel_size
     ph, pw = padding
     out = None
     for p in parts:
         c = p.x.shape[1]
         n = p.w.shape[0]
-        q = act_codes_reference(p).to(torch.float64)
+        q = part_codes(p).to(torch.float64)
         q = F.pad(q, (pw, pw, ph, ph), value=float(p.act_zero_point))
         wq = unpack_weight(p.w, kh * kw * c, weight_bits).reshape(n, kh, kw, c).permute(0, 3, 1, 2)
         acc = F.conv2d(q, wq.to(torch.float64), stride=tuple(stride))
         centered = acc - p.act_zero_point * p.w_rowsum.to(torch.float64).view(1, -1, 1, 1)
         out = _epilogue(out, centered, p, (1, -1, 1, 1))
     out = add_bias(out, bias, bias_correction, (1, -1, 1, 1))
-    return out.to(out_dtype or parts[0].x.dtype).contiguous(memory_format=memory_format)
+    return out.to(out_dtype).contiguous(memory_format=memory_format)

@@ -20,14 +20,14 @@ For each call whose weight is bound to a quantization record (see :mod:`.registr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..kernels import ops as qops
-from ..kernels.layout import prepare_weight
+from ..kernels.layout import device_weight_bits, prepare_weight
 from ..kernels.quantizers import dequantize_weight
 from .registry import Binding, Decision, active_precision, lookup
 
@@ -115,21 +115,46 @@ def _declare_source(gm: fx.GraphModule, attr: str) -> None:
         sources[attr] = ConstantSource(f"qdiff_constant_{attr}")
 
 
-def _prepared(binding: Binding, rec, device: torch.device):
-    """Prepared parts of ``rec`` (one of ``binding``'s records) on ``device``: list of (w, rowsum,
-    scale, act scale, act zero point, act bits). The weight tensors are built once per device and
-    shared by every precision's record."""
+@dataclass
+class _Part:
+    """One prepared input part of a quantized layer (device tensors + its activation quantizer)."""
+
+    w: torch.Tensor
+    rowsum: torch.Tensor
+    scale: torch.Tensor
+    tapsum: torch.Tensor | None
+    act_scale: float
+    act_zero_point: int
+    act_bits: int
+
+
+def _rows(node: fx.Node, op: str) -> int:
+    """GEMM rows of the layer's call (tokens of a linear, ``B·OH·OW`` of a conv), from its output."""
+    value = node.meta.get("example_value")
+    if value is None:
+        return 0
+    return value.numel() // max(1, value.shape[1 if op == "conv2d" else -1])
+
+
+def _prepared(binding: Binding, rec, device: torch.device, op: str, m_hint: int) -> tuple[list[_Part], int]:
+    """Prepared parts of ``rec`` (one of ``binding``'s records) on ``device`` and the weight bits the
+    kernel runs with (:func:`device_weight_bits`: 4-bit codes of compute-bound layers go to the device
+    as int8, the file stays 4-bit). Weight tensors are built once per device and shared by every
+    precision's record."""
     key = (str(device), "weights")
     if key not in binding.prepared:
         raw = [(p.weight_q, p.weight_scale) for p in rec.split] if rec.split else [(rec.weight_q, rec.weight_scale)]
+        n, k = rec.weight_q.shape[0], rec.weight_q[0].numel()
+        bits = device_weight_bits(op, n, k, m_hint, rec.weight_bits)
         weights = []
         for wq, ws in raw:
-            pw = prepare_weight(wq, rec.weight_bits)
-            weights.append((pw.w.to(device), pw.rowsum.to(device), ws.float().to(device)))
-        binding.prepared[key] = weights
-    acts = rec.act_quants()
-    return [(*w, float(a.act_scale), int(a.act_zero_point), int(a.act_bits))
-            for w, a in zip(binding.prepared[key], acts)]
+            pw = prepare_weight(wq, rec.weight_bits, device_bits=bits)
+            tapsum = pw.tapsum.to(device) if pw.tapsum is not None else None
+            weights.append((pw.w.to(device), pw.rowsum.to(device), ws.float().to(device), tapsum))
+        binding.prepared[key] = (weights, bits)
+    weights, bits = binding.prepared[key]
+    return [_Part(*w, float(a.act_scale), int(a.act_zero_point), int(a.act_bits))
+            for w, a in zip(weights, rec.act_quants())], bits
 
 
 def _split_inputs(x, rec, channel_dim: int) -> tuple[fx.Node, fx.Node] | str:
@@ -263,27 +288,31 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant:
                 stats.fallback[binding.name] = got
                 continue
             inputs = list(got)
-        parts = _prepared(binding, rec, weight.device)
+        parts, weight_bits = _prepared(binding, rec, weight.device, op, _rows(node, op))
         extra = {}
         if binding.correction is not None and len(parts) == 1:
             # PTQD correction in the epilogue: per-step scale and bias-correction buffers
             scale_buf, shift_buf = binding.correction.buffers(weight.device)
-            parts = [(parts[0][0], parts[0][1], scale_buf, *parts[0][3:])]
+            parts = [replace(parts[0], scale=scale_buf)]
             extra["bias_correction"] = _const(gm, graph, node, f"{binding.name}.correction", shift_buf)
-        consts = [(_const(gm, graph, node, f"{binding.name}.w{i}", w), _const(gm, graph, node, f"{binding.name}.rs{i}", rs),
-                   _const(gm, graph, node, f"{binding.name}.s{i}", s)) for i, (w, rs, s, *_) in enumerate(parts)]
+        consts = [[_const(gm, graph, node, f"{binding.name}.{what}{i}", t)
+                   for what, t in (("w", p.w), ("rs", p.rowsum), ("s", p.scale))] for i, p in enumerate(parts)]
         where = ""
         if producer_quant:
             where = "; ".join(_where_quantized(x) for x in inputs)
             extra["out_dtype"] = _dtype_of(args["input"], weight)
-            inputs = [quantize(x, node, *part[3:6]) for x, part in zip(inputs, parts)]
+            inputs = [quantize(x, node, p.act_scale, p.act_zero_point, p.act_bits) for x, p in zip(inputs, parts)]
+            if op == "conv2d":   # per-tap weight sums: codes-in convs zero-fill padding and correct in the epilogue
+                names = ["w_tapsum"] if len(parts) == 1 else ["w_tapsum1", "w_tapsum2"]
+                extra.update({name: _const(gm, graph, node, f"{binding.name}.ts{i}", p.tapsum)
+                              for i, (name, p) in enumerate(zip(names, parts))})
+        acts = [(p.act_scale, p.act_zero_point, p.act_bits) for p in parts]
         if len(parts) == 1:
-            (w, rs, s), (_, _, _, a_scale, a_zp, a_bits) = consts[0], parts[0]
-            qargs = [inputs[0], w, rs, s, a_scale, a_zp, a_bits, rec.weight_bits]
+            qargs = [inputs[0], *consts[0], *acts[0], weight_bits]
         else:
-            qargs = [inputs[0], inputs[1], consts[0][0], consts[1][0], consts[0][1], consts[1][1],
-                     consts[0][2], consts[1][2], parts[0][3], parts[1][3], parts[0][4], parts[1][4],
-                     parts[0][5], parts[1][5], rec.weight_bits]
+            (w1, rs1, s1), (w2, rs2, s2) = consts
+            qargs = [inputs[0], inputs[1], w1, w2, rs1, rs2, s1, s2, acts[0][0], acts[1][0], acts[0][1], acts[1][1],
+                     acts[0][2], acts[1][2], weight_bits]
         suffix = "_split" if len(parts) == 2 else ""
         if op == "conv2d":
             kh, kw = weight.shape[2], weight.shape[3]
@@ -302,8 +331,12 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         mode = qops.kernel_mode(weight.device)
+        notes = [where or "input quantized on load, in the kernel"]
+        if weight_bits != rec.weight_bits:
+            notes.append(f"W{rec.weight_bits} codes held as int{weight_bits} on the device (compute-bound layer: "
+                         "no int4 MMA on the GPU, unpacked once at compile time)")
         binding.decisions[binding.name] = Decision(op, f"qdiff.{target._schema.name.split('::')[1]} [{mode}]",
-                                                   where or "input quantized on load, in the kernel")
+                                                   "; ".join(notes))
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

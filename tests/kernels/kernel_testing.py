@@ -79,8 +79,9 @@ def make_part(gen: torch.Generator, x: torch.Tensor, n: int, w_in_shape: tuple[i
               act_bits: int, qmode: str) -> QPart:
     prepared, w_scale = quantized_weight(gen, n, w_in_shape, weight_bits, device=str(x.device))
     act_scale, zero_point = act_quantizer(gen, x, act_bits, qmode)
+    tapsum = prepared.tapsum.to(x.device) if prepared.tapsum is not None else None
     return QPart(x, prepared.w.to(x.device), prepared.rowsum.to(x.device), w_scale.to(x.device),
-                 act_scale, zero_point, act_bits)
+                 act_scale, zero_point, act_bits, tapsum)
 
 
 def random_bias(gen: torch.Generator, n: int, on: bool, dtype=torch.float32, device: str = DEVICE):

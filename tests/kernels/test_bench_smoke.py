@@ -1,5 +1,5 @@
-"""bench/kernels.py runs end to end in its --smoke mode (CPU interpreter when there is no GPU)
-and writes its JSON and Markdown results."""
+"""bench/gpu_check.py (and through it bench/kernels.py) runs end to end in its --smoke mode
+(CPU interpreter when there is no GPU) and writes its JSON and Markdown results."""
 
 from __future__ import annotations
 
@@ -14,17 +14,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_kernels_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--smoke", "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+def test_gpu_check_smoke(tmp_path):
+    """bench/gpu_check.py --smoke on the CPU: the kernel benchmark stage (bench/kernels.py, one
+    GEMM and one conv shape under the interpreter, each checked against the reference), the
+    U-Net stage (tiny config, eager), the static-model stage; JSON + Markdown written."""
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--max-shapes", "1", "--contenders",
+           "fp16_eager", "--stages", "env", "kernels", "unet", "prediction", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     if not torch.cuda.is_available():
         assert "timings below mean NOTHING" in proc.stdout
     (result,) = tmp_path.glob("kernels-*.json")
     data = json.loads(result.read_text())
-    assert data["smoke"] and data["rows"] and {"device", "torch", "triton", "command"} <= set(data)
-    assert {"fp16", "w8a8", "w4a8", "w8a8_codes_in", "w8a8_unfused"} <= set(data["rows"][0]["ms"])
+    assert data["smoke"] and len(data["rows"]) == 2 and {"device", "torch", "triton", "command"} <= set(data)
+    assert not any(r["error"] for r in data["rows"]), [r["error"] for r in data["rows"]]
+    assert {"fp16", "w8a8", "w4a8", "w8a8_codes_in", "w4a8_codes_in", "w8a8_unfused"} <= set(data["rows"][0]["ms"])
     assert result.with_suffix(".md").exists()
+    (check,) = tmp_path.glob("gpu-check-smoke-*.json")
+    stages = json.loads(check.read_text())["stages"]
+    assert stages["env"]["torch"] == torch.__version__
+    assert stages["kernels"]["ok"] and stages["kernels"]["rows"] == 2, stages["kernels"]
+    assert stages["unet"]["contenders"]["fp16_eager"]["status"] == "ok", stages["unet"]
+    assert stages["unet"]["contenders"]["fp16_eager"]["median_ms"] > 0
+    assert "status" in stages["prediction"]
+    assert check.with_suffix(".md").read_text().startswith("# GPU check")
 
 
 def test_sd_shapes_cover_methods_section5():

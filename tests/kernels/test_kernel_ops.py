@@ -180,11 +180,16 @@ def test_accumulator_overflow_guard():
         launch_qgemm([part], 8, None, None)
 
 
-def test_codes_in_needs_uint8():
+def test_codes_in_needs_out_dtype_and_one_kind_of_part():
     gen = _gen(9)
     lp, _ = _linear_args(gen)
-    with pytest.raises(TypeError, match="uint8 activation codes"):
-        launch_qgemm([lp], 4, None, None, input_codes=True)
+    codes = lp._replace(x=torch.randint(-128, 128, lp.x.shape, generator=gen, dtype=torch.int8))
+    with pytest.raises(TypeError, match="int8 codes input needs out_dtype"):
+        launch_qgemm([codes], 4, None, None)
+    with pytest.raises(TypeError, match="all be int8 codes or all float"):
+        launch_qgemm([lp, codes], 4, None, None, out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="gives an output of that dtype"):
+        launch_qgemm([lp], 4, None, None, out_dtype=torch.int8 if lp.x.dtype != torch.int8 else torch.float16)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU dispatch")

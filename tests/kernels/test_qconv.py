@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kernel_testing import (FLOAT_DTYPES, assert_epilogue_close, make_part, random_activation, random_bias,
                             term_magnitude)
+from qdcompile.kernels.layout import signed_codes
 from qdcompile.kernels.qconv import conv_out_size, launch_qconv2d, qconv2d_reference, qconv2d_triton
 from qdcompile.kernels.quantizers import quantize_act
 
@@ -87,18 +88,26 @@ def test_qconv_kernel5_asymmetric_geometry(weight_bits, act_bits):
 
 @settings(max_examples=20, deadline=None)
 @given(c=CHANNELS, n=OUT_CHANNELS, kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
-       weight_bits=st.sampled_from([4, 8]), act_bits=st.sampled_from([4, 8]), split=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_qconv_codes_in(c, n, kernel, stride, weight_bits, act_bits, split, seed):
-    """The INPUT_CODES variant pads with the code Z too and computes the same output."""
+       pad=st.sampled_from([0, 1, 2]), weight_bits=st.sampled_from([4, 8]), act_bits=st.sampled_from([4, 8]),
+       split=st.booleans(), out_dtype=st.sampled_from(FLOAT_DTYPES), channels_last=st.booleans(),
+       tapsum=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_qconv_codes_in(c, n, kernel, stride, pad, weight_bits, act_bits, split, out_dtype, channels_last, tapsum,
+                        seed):
+    """int8 signed codes in: padding is the code of zero ``Z − 2^(b−1)`` — read as such
+    (no per-tap sums) or zero-filled and corrected from the per-tap weight sums; same output
+    as quantize-on-load of the float activation (random zero points, so the padding code matters)."""
     gen = torch.Generator().manual_seed(seed)
-    parts = [make_part(gen, random_activation(gen, (1, c + i, 5, 6), torch.float32, 1 + 9 * i, 2.0 * i)
-                       .contiguous(memory_format=torch.channels_last), n, (c + i, kernel, kernel), weight_bits,
-                       act_bits, "random") for i in range(2 if split else 1)]
-    codes = [p._replace(x=quantize_act(p.x, p.act_scale, p.act_zero_point, p.act_bits)) for p in parts]
-    geom = ([kernel, kernel], [stride, stride], [1, 1])
-    out = launch_qconv2d(codes, weight_bits, *geom, None, None, input_codes=True, out_dtype=torch.float32)
+    parts = [make_part(gen, _layout(random_activation(gen, (2, c + i, 5, 6), out_dtype, 1 + 9 * i, 2.0 * i),
+                                    channels_last), n, (c + i, kernel, kernel), weight_bits, act_bits, "random")
+             for i in range(2 if split else 1)]
+    codes = [p._replace(x=signed_codes(quantize_act(p.x, p.act_scale, p.act_zero_point, p.act_bits), p.act_bits),
+                        w_tapsum=p.w_tapsum if tapsum else None) for p in parts]
+    geom = ([kernel, kernel], [stride, stride], [pad, pad])
+    out = launch_qconv2d(codes, weight_bits, *geom, None, None, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
     _check(parts, weight_bits, *geom, None, None, out)
+    assert torch.equal(qconv2d_reference(codes, weight_bits, *geom, out_dtype=out_dtype),
+                       qconv2d_reference(parts, weight_bits, *geom))
 
 
 def test_qconv_nchw_output_through_strides():
@@ -141,3 +150,22 @@ def test_qconv_gpu_split(weight_bits):
              make_part(gen, x2, 640, (640, 3, 3), weight_bits, 8, "fit")]
     geom = ([3, 3], [1, 1], [1, 1])
     _check(parts, weight_bits, *geom, None, None, qconv2d_triton(parts, weight_bits, *geom, None, None))
+
+
+@settings(max_examples=10, deadline=None)
+@given(c=CHANNELS, n=OUT_CHANNELS, kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       weight_bits=st.sampled_from([4, 8]), split_k=st.sampled_from([2, 3]), codes=st.booleans(),
+       tapsum=st.booleans(), has_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_qconv_split_k(c, n, kernel, stride, weight_bits, split_k, codes, tapsum, has_bias, seed):
+    """Split-K conv: the flattened (tap, channel-block) loop split in pieces; the padding
+    correction is added once; same output."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _layout(random_activation(gen, (2, c, 5, 6), torch.float16, 2.0, 1.0), True)
+    part = make_part(gen, x, n, (c, kernel, kernel), weight_bits, 8, "random")
+    bias = random_bias(gen, n, has_bias, torch.float16)
+    run = part._replace(x=signed_codes(quantize_act(x, part.act_scale, part.act_zero_point, 8), 8),
+                        w_tapsum=part.w_tapsum if tapsum else None) if codes else part
+    geom = ([kernel, kernel], [stride, stride], [kernel // 2, kernel // 2])
+    out = launch_qconv2d([run], weight_bits, *geom, bias, None, out_dtype=torch.float16 if codes else None,
+                         split_k=split_k)
+    _check([part], weight_bits, *geom, bias, None, out)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kernel_testing import (FLOAT_DTYPES, assert_epilogue_close, make_part, random_activation, random_bias,
                             term_magnitude)
+from qdcompile.kernels.layout import signed_codes
 from qdcompile.kernels.qgemm import launch_qgemm, qgemm_reference, qgemm_triton
 from qdcompile.kernels.quantizers import quantize_act
 
@@ -84,15 +85,23 @@ def test_qgemm_split_bimodal(m, k1, k2, n, dtype, weight_bits, act_bits, has_bia
 
 @settings(max_examples=20, deadline=None)
 @given(m=M_SIZES, k=K_SIZES, n=N_SIZES, weight_bits=st.sampled_from([4, 8]), act_bits=st.sampled_from([4, 8]),
-       split=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_qgemm_codes_in(m, k, n, weight_bits, act_bits, split, seed):
-    """The INPUT_CODES variant (pre-quantized uint8 codes in) computes the same output."""
+       split=st.booleans(), out_dtype=st.sampled_from(FLOAT_DTYPES), has_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_qgemm_codes_in(m, k, n, weight_bits, act_bits, split, out_dtype, has_bias, seed):
+    """int8 signed codes in (the producer-quantized main path): same output as quantize-on-load
+    of the float activation with the same quantizers, in the requested dtype; the reference
+    takes the codes parts too."""
     gen = torch.Generator().manual_seed(seed)
-    parts = [make_part(gen, random_activation(gen, (m, k + i), torch.float32, 1 + 9 * i), n, (k + i,), weight_bits,
-                       act_bits, "fit") for i in range(2 if split else 1)]
-    codes = [p._replace(x=quantize_act(p.x, p.act_scale, p.act_zero_point, p.act_bits)) for p in parts]
-    out = launch_qgemm(codes, weight_bits, None, None, input_codes=True, out_dtype=torch.float32)
-    _check(parts, weight_bits, None, None, out)
+    parts = [make_part(gen, random_activation(gen, (m, k + i), out_dtype, 1 + 9 * i, 3.0 * i), n, (k + i,),
+                       weight_bits, act_bits, "random") for i in range(2 if split else 1)]
+    codes = [p._replace(x=signed_codes(quantize_act(p.x, p.act_scale, p.act_zero_point, p.act_bits), p.act_bits))
+             for p in parts]
+    bias = random_bias(gen, n, has_bias, out_dtype)
+    out = launch_qgemm(codes, weight_bits, bias, None, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    _check(parts, weight_bits, bias, None, out)
+    assert torch.equal(qgemm_reference(codes, weight_bits, bias, out_dtype=out_dtype),
+                       qgemm_reference(parts, weight_bits, bias))
 
 
 def test_qgemm_empty_rows():
@@ -129,3 +138,21 @@ def test_qgemm_gpu_split(weight_bits):
              make_part(gen, x2, 640, (640,), weight_bits, 8, "fit")]
     bc = random_bias(gen, 640, True, device="cuda")
     _check(parts, weight_bits, None, bc, qgemm_triton(parts, weight_bits, None, bc))
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=M_SIZES, k=st.integers(33, 200), n=N_SIZES, weight_bits=st.sampled_from([4, 8]),
+       act_bits=st.sampled_from([4, 8]), split_k=st.sampled_from([2, 3, 8]), codes=st.booleans(),
+       has_bias=st.booleans(), has_bc=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_qgemm_split_k(m, k, n, weight_bits, act_bits, split_k, codes, has_bias, has_bc, seed):
+    """Split-K (K pieces into an int32 workspace, reduced by a second kernel): same output,
+    including pieces that get no K step at all (split 8 of a short K)."""
+    gen = torch.Generator().manual_seed(seed)
+    part = make_part(gen, random_activation(gen, (m, k), torch.float16, 2.0, 0.5), n, (k,), weight_bits, act_bits,
+                     "random")
+    bias = random_bias(gen, n, has_bias, torch.float16)
+    bc = random_bias(gen, n, has_bc)
+    run = part._replace(x=signed_codes(quantize_act(part.x, part.act_scale, part.act_zero_point, act_bits),
+                                       act_bits)) if codes else part
+    out = launch_qgemm([run], weight_bits, bias, bc, out_dtype=torch.float16 if codes else None, split_k=split_k)
+    _check([part], weight_bits, bias, bc, out)

@@ -69,14 +69,16 @@ def main() -> int:
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     wc = torch.randint(-127, 128, (n, 9 * c), dtype=torch.int8)
     rs, rsc = w8.int().sum(1, dtype=torch.int32), wc.int().sum(1, dtype=torch.int32)
+    tapsum = wc.int().view(n, 9, c).sum(2, dtype=torch.int32).t().contiguous()
     s = torch.rand(n) + 0.5
     codes = torch.randint(-128, 128, (4, 16, k), dtype=torch.int8)
     conv_codes = torch.randint(-128, 128, (2, c, 8, 8), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     out = {
         "qlinear": trace(lambda x, w, r, sc: torch.ops.qdiff.qlinear(x, w, r, sc, 0.02, 131, 8, 8,
                                                                       out_dtype=torch.float16), codes, w8, rs, s),
-        "qconv2d": trace(lambda x, w, r, sc: torch.ops.qdiff.qconv2d(x, w, r, sc, 0.02, 131, 8, 8, [3, 3], [1, 1], [1, 1],
-                                                                      out_dtype=torch.float16), conv_codes, wc, rsc, s),
+        "qconv2d": trace(lambda x, w, r, sc, ts: torch.ops.qdiff.qconv2d(x, w, r, sc, 0.02, 131, 8, 8, [3, 3], [1, 1],
+                                                                          [1, 1], None, None, ts, out_dtype=torch.float16),
+                         conv_codes, wc, rsc, s, tapsum),
     }
     print(json.dumps(out))
     return 0

@@ -188,7 +188,9 @@ def test_ops_become_inductor_launched_triton_kernels_on_cuda():
     traced = json.loads(proc.stdout.strip().splitlines()[-1])
     for op, kernel in (("qlinear", "_qgemm_kernel"), ("qconv2d", "_qconv2d_kernel")):
         assert traced[op]["kernels"] == [kernel], traced[op]
-        assert not any("qdiff" in t for t in traced[op]["targets"]), traced[op]
+        # nothing else touches the data: the output allocation, views, and the kernel launch
+        allowed = ("aten.view", "aten.empty", "triton_kernel_wrapper_functional", "getitem")
+        assert all(t.startswith(allowed) or "getitem" in t for t in traced[op]["targets"]), traced[op]
 
 
 def test_unknown_backend_mode_and_bad_option_are_clear():
