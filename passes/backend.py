@@ -24,8 +24,11 @@ Options (``torch.compile(unet, backend="qdiff", mode=..., options={...})``):
   graph per activation precision (Triton autotuning runs in the warm-up calls, before
   capture). Per-step PTQD correction buffers are written in place before each replay.
 * ``options={"producer_quant": False}``: quantize on load inside the integer kernels instead
-  of in the activation's producer (the default; see :mod:`.quantize_layers`). Other entries
-  of ``options`` are Inductor config patches, as with ``backend="inductor"``.
+  of in the activation's producer (the default; see :mod:`.quantize_layers`).
+* ``options={"channels_last": False}``: on CUDA the conv path runs channels-last end to end by
+  default (NCHW inputs converted once at graph entry, outputs back at exit,
+  :mod:`.channels_last`); this turns it off.
+* Other entries of ``options`` are Inductor config patches, as with ``backend="inductor"``.
 
 The graph is compiled with Inductor's eager-numerics switches for division rounding and
 low-precision casts, so the quantizer Inductor fuses into a producer computes exactly the
@@ -39,9 +42,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
+from .channels_last import channels_last_pass
 from .quantize_layers import CONV_TARGETS, LINEAR_TARGETS, RewriteStats, rewrite_quantized_layers
 from .registry import active_precision, generation, lookup
 
@@ -81,20 +87,35 @@ _MODES = {None: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True
 _EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
 
 
-def _settings(mode, options) -> tuple[bool, dict]:
-    """(producer_quant, Inductor config patches) from ``torch.compile``'s mode and options."""
+@dataclass(frozen=True)
+class _Settings:
+    producer_quant: bool = True
+    channels_last: bool = True
+    patches: dict = field(default_factory=lambda: dict(_EXACT))
+
+
+def _settings(mode, options) -> _Settings:
+    """Our options and Inductor's config patches from ``torch.compile``'s mode and options."""
     if mode not in _MODES:
         raise ValueError(f"qdiff backend: mode={mode!r} is not one of {[m for m in _MODES if m]}")
     options = dict(options or {})
-    producer_quant = options.pop("producer_quant", True)
-    if not isinstance(producer_quant, bool):
-        raise TypeError(f"qdiff backend: options['producer_quant'] must be True or False, got {producer_quant!r}")
-    return producer_quant, {**_MODES[mode], **options, **_EXACT}
+    ours = {name: options.pop(name, True) for name in ("producer_quant", "channels_last")}
+    for name, value in ours.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"qdiff backend: options[{name!r}] must be True or False, got {value!r}")
+    return _Settings(**ours, patches={**_MODES[mode], **options, **_EXACT})
 
 
-def _compile(gm: fx.GraphModule, example_inputs, producer_quant: bool = True, patches: dict | None = None):
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+
+
+def _compile(gm: fx.GraphModule, example_inputs, settings: _Settings = _Settings()):
     _compiles[0] += 1
-    stats = rewrite_quantized_layers(gm, example_inputs, producer_quant=producer_quant)
+    stats = rewrite_quantized_layers(gm, example_inputs, producer_quant=settings.producer_quant)
+    if settings.channels_last and stats.conv2d and _on_cuda(example_inputs):
+        # the integer conv reads NHWC vectors: one conversion at graph entry/exit instead of scalar loads
+        channels_last_pass(gm, example_inputs)
     _last_stats[:] = [stats]
     if stats.rewritten == 0:
         logger.warning("qdiff backend: no conv2d/linear in this graph has qdcompile metadata attached "
@@ -105,7 +126,7 @@ def _compile(gm: fx.GraphModule, example_inputs, producer_quant: bool = True, pa
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches or dict(_EXACT))
+    return compile_fx(gm, example_inputs, config_patches=settings.patches)
 
 
 class _Variant:
@@ -127,10 +148,10 @@ class _Variant:
 
 
 def qdiff_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
-    producer_quant, patches = _settings(mode, options)
+    settings = _settings(mode, options)
     weight_idx = _weight_input_indices(gm)
     pristine = copy.deepcopy(gm) if weight_idx else None
-    first = _compile(gm, example_inputs, producer_quant, patches)
+    first = _compile(gm, example_inputs, settings)
     if not weight_idx:
         return first
     variants = [_Variant([example_inputs[i] for i in weight_idx], active_precision(), first)]
@@ -145,7 +166,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
         variants[:] = [v for v in variants if not (v.precision == bits and all(a is b for a, b in zip(v.weights, weights)))]
         logger.info("qdiff backend: specialising the graph for %s",
                     f"activation precision A{bits}" if bits is not None else "this model's weights and metadata")
-        fn = _compile(copy.deepcopy(pristine), list(args), producer_quant, patches)
+        fn = _compile(copy.deepcopy(pristine), list(args), settings)
         variants.append(_Variant(weights, bits, fn))
         return fn(*args)
 

@@ -76,6 +76,14 @@ def _four_d(value) -> bool:
     return value is not None and len(getattr(value, "shape", ())) == 4
 
 
+def _is_weight(gm: fx.GraphModule, ph: fx.Node, example_inputs, i: int) -> bool:
+    """A parameter (Dynamo passes module weights as graph inputs) or a conv's weight operand:
+    converting it would copy the weight on every call."""
+    if example_inputs is not None and i < len(example_inputs) and isinstance(example_inputs[i], torch.nn.Parameter):
+        return True
+    return any(_is_conv(gm, u) and u.op == "call_function" and len(u.args) > 1 and u.args[1] is ph for u in ph.users)
+
+
 def channels_last_pass(gm: fx.GraphModule, example_inputs=None) -> tuple[fx.GraphModule, ChannelsLastStats]:
     """Convert NCHW conv-path inputs to channels-last at graph entry and 4-D outputs back at exit."""
     stats = ChannelsLastStats()
@@ -86,7 +94,7 @@ def channels_last_pass(gm: fx.GraphModule, example_inputs=None) -> tuple[fx.Grap
         value = _value(ph)
         if value is None and example_inputs is not None and i < len(example_inputs):
             value = example_inputs[i]
-        if not _nchw_4d(value):
+        if not _nchw_4d(value) or _is_weight(gm, ph, example_inputs, i):
             continue
         reach = _downstream(ph)
         if not any(_is_conv(gm, n) for n in reach):

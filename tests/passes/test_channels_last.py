@@ -73,3 +73,24 @@ def test_channels_last_input_and_graphs_without_conv_are_left_alone():
     plain, stats = channels_last_pass(plain, example_inputs=[a])
     assert stats.inputs_converted == 0
     assert torch.equal(plain(a), torch.relu(a) * 2)
+
+
+def test_conv_weights_passed_as_graph_inputs_are_not_converted():
+    """Under Dynamo module weights are graph inputs (4-D, NCHW-contiguous, reaching a conv): the pass
+    must not copy them to channels-last on every call; only the activation is converted."""
+    graphs = []
+
+    def spy(gm, example_inputs):
+        _, stats = channels_last_pass(gm, example_inputs)
+        graphs.append((gm, stats))
+        return gm.forward
+
+    conv = nn.Conv2d(4, 6, 3, padding=1).eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        out = torch.compile(lambda t: F.conv2d(t, conv.weight, conv.bias, padding=1), backend=spy)(x)
+    gm, stats = graphs[0]
+    assert stats.inputs_converted == 1 and stats.outputs_converted == 1
+    converted = [n.args[0] for n in gm.graph.nodes if n.op == "call_method" and n.kwargs.get("memory_format")]
+    assert len(converted) == 1 and converted[0].meta["example_value"].shape == x.shape
+    assert out.is_contiguous() and torch.allclose(out, conv(x), rtol=1e-5, atol=1e-6)
