@@ -89,7 +89,8 @@ def integer_op_inputs(meta):
         if parts:
             key = tuple(_part_key(*p[1:]) for p in parts)
             if key in owners:
-                raise ValueError(f"layers {owners[key]!r} and {name!r} have identical quantizers: cannot attribute calls")
+                raise ValueError(f"layers {owners[key]!r} and {name!r} have identical quantizers: "
+                                 "cannot attribute integer op calls to layers")
             owners[key] = name
     seen: dict[str, list[list[torch.Tensor]]] = {}
 
@@ -155,7 +156,8 @@ def fake_quant64(model, meta, *args, follow=None, tie_tol: float = 1e-3, input_t
                 i = calls.get(name, 0)
                 calls[name] = i + 1
                 if name not in follow or i >= len(follow[name]):
-                    raise AssertionError(f"layer {name!r}: call {i} ran in the reference but not on the integer kernels")
+                    raise AssertionError(f"layer {name!r}: call {i} ran in the reference but not on the "
+                                         "integer kernels")
                 got = follow[name][i]
             out = []
             for j, (chunk, (_, _, scale, zp, bits)) in enumerate(zip(chunks, parts)):

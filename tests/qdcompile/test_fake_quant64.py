@@ -6,9 +6,12 @@ layer input lies within float rounding of a code boundary, fp32 (the compiled mo
 pick adjacent codes, and the quantized network spreads that one flip to quantization-noise size
 (the 74.6 / 33.2 dB of the issue). The check therefore follows the compiled model's code only at
 such ties (within 1e-3 code units of the boundary) and is exact everywhere else.
+
+The reconstruction here is short because the ties do not depend on its length: on the issue's
+models (bench/fake_quant64_ties.py) the plain float64 comparison gave 33-66 dB on 3 to 5 of 6
+inputs after 50/20 and after 1000/300 AdaRound/LSQ iterations, and 146-148 dB following the ties.
 """
 
-import copy
 import dataclasses
 
 import pytest
