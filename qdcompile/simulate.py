@@ -3,6 +3,14 @@
 The float model with every recorded layer's weight replaced by ``s · q`` and its input by
 ``Δ · (q(x) − Z)`` (per part for split layers). This is what the integer kernels must
 compute, up to float rounding; calibration (AdaRound/LSQ, PTQD statistics) also runs on it.
+
+"Up to float rounding" includes the codes: where a layer input lies within float rounding of a
+code boundary (``x/Δ + Z ≈ k + ½``), evaluations in different precisions or op orders may take
+either adjacent code, and the network spreads that one-code difference (one such tie in ~10^5
+codes takes a tiny W4A8 U-Net's output from 146 dB to ~30 dB of a float64 evaluation; it happens
+on some inputs for any recipe or reconstruction length). Both are evaluations of the metadata;
+``tests/equivalence.py`` (``fake_quant64``) checks the compiled model against the float64 one,
+letting it choose only at such ties.
 """
 
 from __future__ import annotations
