@@ -164,13 +164,22 @@ def fake_quant64(model, meta, *args, follow=None, tie_tol: float = 1e-3, input_t
                 q = _codes64(chunk, scale, zp, bits)
                 if got is not None:
                     x32, *used = got[j]
-                    drift = float((x32.double() - chunk).norm() / chunk.norm().clamp_min(1e-300))
-                    if x32.shape != chunk.shape or drift > input_tol:
-                        raise AssertionError(f"layer {name!r} part {j}: the integer op's input differs from the "
-                                             f"reference's by {drift:.3g} (relative; shapes {list(x32.shape)} vs "
-                                             f"{list(chunk.shape)}): the layers before it compute something else "
-                                             "than the metadata says, or this is not the tensor it quantizes")
-                    q32 = _codes32(x32, *used)
+                    if x32.dtype == torch.int8:
+                        # producer-side quantization: the op got the int8 signed codes q − 2^(b−1); they are
+                        # held to the code rule below (a wrong tensor or quantizer moves codes off any tie)
+                        if x32.shape != chunk.shape:
+                            raise AssertionError(f"layer {name!r} part {j}: the integer op's codes have shape "
+                                                 f"{list(x32.shape)}, the reference's input {list(chunk.shape)}")
+                        q32 = x32.double() + (1 << (used[2] - 1))
+                    else:
+                        drift = float((x32.double() - chunk).norm() / chunk.norm().clamp_min(1e-300))
+                        if x32.shape != chunk.shape or drift > input_tol:
+                            raise AssertionError(
+                                f"layer {name!r} part {j}: the integer op's input differs from the reference's by "
+                                f"{drift:.3g} (relative; shapes {list(x32.shape)} vs {list(chunk.shape)}): the layers "
+                                "before it compute something else than the metadata says, or this is not the tensor "
+                                "it quantizes")
+                        q32 = _codes32(x32, *used)
                     differ = q32 != q
                     if differ.any():
                         boundary = (q32[differ] + q[differ]) / 2 - zp
