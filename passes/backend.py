@@ -18,6 +18,19 @@ Step-aware mixed precision: the graph is specialised per activation precision to
 call time here, so switching precision between denoising steps never recompiles once each
 precision has run once. :func:`compile_count` counts our compilations (tests, the sampler).
 
+Options (``torch.compile(unet, backend="qdiff", mode=..., options={...})``):
+
+* ``mode="reduce-overhead"``: Inductor's CUDA graphs capture the whole compiled step, one
+  graph per activation precision (Triton autotuning runs in the warm-up calls, before
+  capture). Per-step PTQD correction buffers are written in place before each replay.
+* ``options={"producer_quant": False}``: quantize on load inside the integer kernels instead
+  of in the activation's producer (the default; see :mod:`.quantize_layers`). Other entries
+  of ``options`` are Inductor config patches, as with ``backend="inductor"``.
+
+The graph is compiled with Inductor's eager-numerics switches for division rounding and
+low-precision casts, so the quantizer Inductor fuses into a producer computes exactly the
+reference codes (``RN(x/Δ)`` of the activation as rounded to its dtype).
+
 ``QDCOMPILE_INDUCTOR=0`` skips Inductor and runs the rewritten graph eagerly (debugging).
 """
 
@@ -60,9 +73,28 @@ def _weight_input_indices(gm: fx.GraphModule) -> list[int]:
     return sorted(idx)
 
 
-def _compile(gm: fx.GraphModule, example_inputs):
+_MODES = {None: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True},
+          "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
+          "max-autotune-no-cudagraphs": {"max_autotune": True}}
+# the fused quantizer must round like the reference: IEEE division (Triton's `/` is approximate)
+# and the activation rounded to its own dtype before it is quantized
+_EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
+
+
+def _settings(mode, options) -> tuple[bool, dict]:
+    """(producer_quant, Inductor config patches) from ``torch.compile``'s mode and options."""
+    if mode not in _MODES:
+        raise ValueError(f"qdiff backend: mode={mode!r} is not one of {[m for m in _MODES if m]}")
+    options = dict(options or {})
+    producer_quant = options.pop("producer_quant", True)
+    if not isinstance(producer_quant, bool):
+        raise TypeError(f"qdiff backend: options['producer_quant'] must be True or False, got {producer_quant!r}")
+    return producer_quant, {**_MODES[mode], **options, **_EXACT}
+
+
+def _compile(gm: fx.GraphModule, example_inputs, producer_quant: bool = True, patches: dict | None = None):
     _compiles[0] += 1
-    stats = rewrite_quantized_layers(gm, example_inputs)
+    stats = rewrite_quantized_layers(gm, example_inputs, producer_quant=producer_quant)
     _last_stats[:] = [stats]
     if stats.rewritten == 0:
         logger.warning("qdiff backend: no conv2d/linear in this graph has qdcompile metadata attached "
@@ -73,7 +105,7 @@ def _compile(gm: fx.GraphModule, example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=patches or dict(_EXACT))
 
 
 class _Variant:
@@ -94,10 +126,11 @@ class _Variant:
         return True
 
 
-def qdiff_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+def qdiff_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
+    producer_quant, patches = _settings(mode, options)
     weight_idx = _weight_input_indices(gm)
     pristine = copy.deepcopy(gm) if weight_idx else None
-    first = _compile(gm, example_inputs)
+    first = _compile(gm, example_inputs, producer_quant, patches)
     if not weight_idx:
         return first
     variants = [_Variant([example_inputs[i] for i in weight_idx], active_precision(), first)]
@@ -112,7 +145,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         variants[:] = [v for v in variants if not (v.precision == bits and all(a is b for a, b in zip(v.weights, weights)))]
         logger.info("qdiff backend: specialising the graph for %s",
                     f"activation precision A{bits}" if bits is not None else "this model's weights and metadata")
-        fn = _compile(copy.deepcopy(pristine), list(args))
+        fn = _compile(copy.deepcopy(pristine), list(args), producer_quant, patches)
         variants.append(_Variant(weights, bits, fn))
         return fn(*args)
 
