@@ -37,8 +37,8 @@ import triton.language as tl
 from .autotune import AUTOTUNE_PRUNE, launch_options, matmul_configs, split_k_for
 from .layout import QPart, part_codes, unpack_weight
 from .qgemm import (MAX_K, _epilogue, _identity, act_codes, add_bias, add_bias_terms, check_device, check_span,
-                    check_split_k, codes_in, dequant_part, grouped_tile, split_range, splitk_epilogue, store_partial,
-                    weight_rows, weight_tile)
+                    check_split_k, codes_in, dequant_part, grouped_tile, legacy_codes, split_range, splitk_epilogue,
+                    store_partial, weight_rows, weight_tile)
 from .quantize import act_quant_constants
 
 
@@ -203,7 +203,7 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
                    padding: Sequence[int], bias: torch.Tensor | None, bias_correction: torch.Tensor | None,
                    out_dtype: torch.dtype | None = None,
                    memory_format: torch.memory_format = torch.channels_last, kernel_wrapper=None,
-                   split_k: int | None = None) -> torch.Tensor:
+                   split_k: int | None = None, input_codes: bool = False) -> torch.Tensor:
     """Launch the conv kernel.
 
     ``parts[i].x``: float activations ``[B, C, H, W]`` (any strides; channels-last is the
@@ -211,11 +211,13 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
     zero ``Z − 2^(b−1)``; with ``w_tapsum`` the tile is zero-filled and corrected in the
     epilogue), see :func:`.qgemm.codes_in`. ``memory_format``: layout of the output, which
     the kernel writes through its strides. ``kernel_wrapper``, ``split_k``: as in
-    :func:`.qgemm.launch_qgemm` (split-K only for one part and a channels-last output).
+    :func:`.qgemm.launch_qgemm` (split-K only for one part and a channels-last output);
+    ``input_codes``: legacy uint8 codes, see :func:`.qgemm.legacy_codes`.
     """
     op = "qconv2d_split" if len(parts) == 2 else "qconv2d"
     check_device(op, [t for p in parts for t in (p.x, p.w, p.w_rowsum, p.w_scale)]
                  + [t for t in (bias, bias_correction) if t is not None])
+    parts = legacy_codes(op, parts, input_codes)
     codes, out_dtype = codes_in(op, parts, out_dtype)
     kh, kw = (int(v) for v in kernel_size)
     sh, sw = (int(v) for v in stride)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .autotune import AUTOTUNE_PRUNE, MAX_SPLIT_K, interpreting, launch_options, matmul_configs, split_k_for
-from .layout import QPart, part_codes, unpack_weight
+from .layout import QPart, part_codes, signed_codes, unpack_weight
 from .quantize import act_quant_constants, quantize_codes
 
 # Largest K per part for which no int32 intermediate can overflow: with shifted codes
@@ -307,6 +307,24 @@ def _identity(kernel):
     return kernel
 
 
+def legacy_codes(op: str, parts: Sequence[QPart], input_codes: bool) -> list[QPart]:
+    """Compatibility for callers of the old uint8 path (``kernels/ops.py`` of Fast path 1 passes
+    ``input_codes=True`` with unsigned uint8 codes from :func:`act_codes_reference`): shift them
+    to the int8 signed codes the kernels take (one extra elementwise pass). Remove together
+    with those callers; the producer already writes int8 signed codes."""
+    if not input_codes:
+        return list(parts)
+    if any(p.x.dtype != torch.uint8 for p in parts):
+        raise TypeError(f"{op}: input_codes=True (legacy) needs uint8 unsigned codes; pass int8 signed codes "
+                        "without input_codes instead")
+    return [p._replace(x=signed_codes(p.x, p.act_bits)) for p in parts]
+
+
+def act_codes_reference(p: QPart) -> torch.Tensor:
+    """Unsigned uint8 codes of a part (compatibility name for ``kernels/ops.py``; see :func:`legacy_codes`)."""
+    return part_codes(p).to(torch.uint8)
+
+
 def codes_in(op: str, parts: Sequence[QPart], out_dtype: torch.dtype | None) -> tuple[bool, torch.dtype]:
     """Which input path a launch takes, and its output dtype.
 
@@ -322,6 +340,9 @@ def codes_in(op: str, parts: Sequence[QPart], out_dtype: torch.dtype | None) -> 
             raise TypeError(f"{op}: int8 codes input needs out_dtype float16/bfloat16/float32 (the dtype of the "
                             f"float activation), got {out_dtype}")
         return True, out_dtype
+    if not parts[0].x.is_floating_point():
+        raise TypeError(f"{op}: activation must be float16/bfloat16/float32 or int8 signed codes, "
+                        f"got {parts[0].x.dtype}")
     if out_dtype is not None and out_dtype != parts[0].x.dtype:
         raise TypeError(f"{op}: float input {parts[0].x.dtype} gives an output of that dtype, got out_dtype={out_dtype}")
     return False, parts[0].x.dtype
@@ -359,7 +380,7 @@ def splitk_epilogue(wrap, partial: torch.Tensor, p: QPart, bias, bias_correction
 
 def launch_qgemm(parts: Sequence[QPart], weight_bits: int, bias: torch.Tensor | None,
                  bias_correction: torch.Tensor | None, out_dtype: torch.dtype | None = None,
-                 kernel_wrapper=None, split_k: int | None = None) -> torch.Tensor:
+                 kernel_wrapper=None, split_k: int | None = None, input_codes: bool = False) -> torch.Tensor:
     """Launch the GEMM kernel.
 
     ``parts[i].x``: float activations (quantized on load) or int8 signed codes
@@ -368,12 +389,14 @@ def launch_qgemm(parts: Sequence[QPart], weight_bits: int, bias: torch.Tensor | 
     when the launcher runs inside a ``triton_op``). ``split_k``: K pieces (default
     :func:`.autotune.split_k_for`, a function of the shape; > 1 only for one input part): the
     pieces' int32 partial sums go to a ``torch.empty`` workspace and a second kernel reduces
-    them (exact) and runs the epilogue. Host work: shape/stride arithmetic on Python
-    scalars, ``torch.empty``; no tensor value is read.
+    them (exact) and runs the epilogue. ``input_codes``: legacy uint8 codes, see
+    :func:`legacy_codes`. Host work: shape/stride arithmetic on Python scalars,
+    ``torch.empty``; no tensor value is read.
     """
     op = "qlinear_split" if len(parts) == 2 else "qlinear"
     check_device(op, [t for p in parts for t in (p.x, p.w, p.w_rowsum, p.w_scale)]
                  + [t for t in (bias, bias_correction) if t is not None])
+    parts = legacy_codes(op, parts, input_codes)
     codes, out_dtype = codes_in(op, parts, out_dtype)
     lead = parts[0].x.shape[:-1]
     xs = [p.x.reshape(-1, p.x.shape[-1]) for p in parts]   # a view whenever the strides allow
