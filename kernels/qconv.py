@@ -69,11 +69,12 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     n_cblk = tl.cdiv(C, BLOCK_K)
     it_lo, it_hi = split_range(KH * KW * n_cblk, SPLIT_K)
+    r0 = it_lo // n_cblk                     # one division for the first step; then counters
+    c0 = (it_lo - r0 * n_cblk) * BLOCK_K     # first channel of the block
+    kh = r0 // KW
+    kw = r0 - kh * KW
     for it in range(it_lo, it_hi):
-        r = it // n_cblk                     # tap index kh·KW + kw
-        c0 = (it - r * n_cblk) * BLOCK_K     # first channel of the block
-        kh = r // KW
-        kw = r - kh * KW
+        r = kh * KW + kw                     # tap index
         ih = ih0 + kh
         iw = iw0 + kw
         row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -85,6 +86,14 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
         a = act_codes(ptrs, mask, act_scale, inv_scale, x_lo, x_hi, zero_point, pad_code, ACT_BITS, CODES_IN, True)
         w = weight_tile(w_rows, r * C, c0, C, W_BITS, PAIRED, not EVEN_C, BLOCK_K)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)   # explicit: Triton < 3.8 asserts otherwise
+        # next (kh, kw, c0): channel block, then tap column, then tap row (scalar selects, no division)
+        c0 += BLOCK_K
+        next_tap = c0 >= C
+        c0 = tl.where(next_tap, 0, c0)
+        kw += next_tap.to(tl.int32)
+        next_row = kw == KW
+        kw = tl.where(next_row, 0, kw)
+        kh += next_row.to(tl.int32)
     return acc
 
 
