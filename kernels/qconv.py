@@ -12,15 +12,15 @@ the ``[M = B·OH·OW, N]`` output. The per-row geometry (batch, top-left input p
 offset) is computed once per tile. K is walked as ``(kh, kw)`` outer × channel blocks
 inner, so each activation load is ``BLOCK_K`` consecutive channels of one pixel
 (contiguous in NHWC) and each weight load is ``BLOCK_K`` consecutive codes of the
-``(kh, kw, c)``-ordered row. The two levels are one flattened loop (``it → (kh, kw, c0)``
-by scalar arithmetic) so Triton software-pipelines across the ``(kh, kw)`` boundaries
+``(kh, kw, c)``-ordered row. The two levels are one flattened loop (``(kh, kw, c0)`` kept
+by scalar counters, no division per step) so Triton software-pipelines across the ``(kh, kw)`` boundaries
 instead of draining its pipeline ``KH·KW`` times per tile; the padding mask is a
 ``[BLOCK_M]`` row vector, recomputed from the hoisted geometry with four compares per
 step, never per element. Float in: out-of-image pixels load as real zero, which quantizes
 to ``Z``: padding with the code of zero, exactly as the reference pads the codes. Int8 codes
 in: with the per-tap weight sums (``QPart.w_tapsum``) out-of-image taps are zero-filled by the
 async copy and :func:`pad_correction` adds ``(Z − 2^(b−1))·Σ_{taps outside} tapsum`` once per
-tile (the A tile then never passes through registers: 113 instead of 248 SASS instructions
+tile (the A tile then never passes through registers: 102 instead of 248 SASS instructions
 per K step at 128×128×64); without them the load reads the padding code ``Z − 2^(b−1)``
 (a select in registers). Split-K as in :mod:`.qgemm` (one input part, channels-last output).
 """
