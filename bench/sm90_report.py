@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                              "unpacked in the K loop, no split-K (use with --facts of the old kernels)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--label", default="", help="suffix of the result files (e.g. 'before')")
+    parser.add_argument("--note", default="", help="a line saying where --facts came from")
     args = parser.parse_args(argv)
 
     import triton
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"triton": triton.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python bench/sm90_report.py", *(argv if argv is not None else sys.argv[1:])]),
             "split_k": not (args.no_split_k or args.baseline), "baseline": args.baseline}
+    if args.note:
+        meta["note"] = args.note
     (args.out_dir / f"{stem}.json").write_text(json.dumps({**meta, "facts": facts, "model": m}, indent=1) + "\n")
     (args.out_dir / f"{stem}.md").write_text(
         f"# Static sm_90 report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items())

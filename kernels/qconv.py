@@ -12,15 +12,15 @@ the ``[M = B·OH·OW, N]`` output. The per-row geometry (batch, top-left input p
 offset) is computed once per tile. K is walked as ``(kh, kw)`` outer × channel blocks
 inner, so each activation load is ``BLOCK_K`` consecutive channels of one pixel
 (contiguous in NHWC) and each weight load is ``BLOCK_K`` consecutive codes of the
-``(kh, kw, c)``-ordered row. The two levels are one flattened loop (``it → (kh, kw, c0)``
-by scalar arithmetic) so Triton software-pipelines across the ``(kh, kw)`` boundaries
+``(kh, kw, c)``-ordered row. The two levels are one flattened loop (``(kh, kw, c0)`` kept
+by scalar counters, no division per step) so Triton software-pipelines across the ``(kh, kw)`` boundaries
 instead of draining its pipeline ``KH·KW`` times per tile; the padding mask is a
 ``[BLOCK_M]`` row vector, recomputed from the hoisted geometry with four compares per
 step, never per element. Float in: out-of-image pixels load as real zero, which quantizes
 to ``Z``: padding with the code of zero, exactly as the reference pads the codes. Int8 codes
 in: with the per-tap weight sums (``QPart.w_tapsum``) out-of-image taps are zero-filled by the
 async copy and :func:`pad_correction` adds ``(Z − 2^(b−1))·Σ_{taps outside} tapsum`` once per
-tile (the A tile then never passes through registers: 113 instead of 248 SASS instructions
+tile (the A tile then never passes through registers: 102 instead of 248 SASS instructions
 per K step at 128×128×64); without them the load reads the padding code ``Z − 2^(b−1)``
 (a select in registers). Split-K as in :mod:`.qgemm` (one input part, channels-last output).
 """
@@ -37,8 +37,8 @@ import triton.language as tl
 from .autotune import AUTOTUNE_PRUNE, launch_options, matmul_configs, split_k_for
 from .layout import QPart, part_codes, unpack_weight
 from .qgemm import (MAX_K, _epilogue, _identity, act_codes, add_bias, add_bias_terms, check_device, check_span,
-                    check_split_k, codes_in, dequant_part, grouped_tile, split_range, splitk_epilogue, store_partial,
-                    weight_rows, weight_tile)
+                    check_split_k, codes_in, dequant_part, grouped_tile, split_range, splitk_epilogue,
+                    store_partial, weight_rows, weight_tile)
 from .quantize import act_quant_constants
 
 
@@ -69,11 +69,12 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     n_cblk = tl.cdiv(C, BLOCK_K)
     it_lo, it_hi = split_range(KH * KW * n_cblk, SPLIT_K)
+    r0 = it_lo // n_cblk                     # one division for the first step; then counters
+    c0 = (it_lo - r0 * n_cblk) * BLOCK_K     # first channel of the block
+    kh = r0 // KW
+    kw = r0 - kh * KW
     for it in range(it_lo, it_hi):
-        r = it // n_cblk                     # tap index kh·KW + kw
-        c0 = (it - r * n_cblk) * BLOCK_K     # first channel of the block
-        kh = r // KW
-        kw = r - kh * KW
+        r = kh * KW + kw                     # tap index
         ih = ih0 + kh
         iw = iw0 + kw
         row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -85,6 +86,14 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
         a = act_codes(ptrs, mask, act_scale, inv_scale, x_lo, x_hi, zero_point, pad_code, ACT_BITS, CODES_IN, True)
         w = weight_tile(w_rows, r * C, c0, C, W_BITS, PAIRED, not EVEN_C, BLOCK_K)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)   # explicit: Triton < 3.8 asserts otherwise
+        # next (kh, kw, c0): channel block, then tap column, then tap row (scalar selects, no division)
+        c0 += BLOCK_K
+        next_tap = c0 >= C
+        c0 = tl.where(next_tap, 0, c0)
+        kw += next_tap.to(tl.int32)
+        next_row = kw == KW
+        kw = tl.where(next_row, 0, kw)
+        kh += next_row.to(tl.int32)
     return acc
 
 
@@ -211,7 +220,7 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
     zero ``Z − 2^(b−1)``; with ``w_tapsum`` the tile is zero-filled and corrected in the
     epilogue), see :func:`.qgemm.codes_in`. ``memory_format``: layout of the output, which
     the kernel writes through its strides. ``kernel_wrapper``, ``split_k``: as in
-    :func:`.qgemm.launch_qgemm` (split-K only for one part and a channels-last output).
+    :func:`.qgemm.launch_qgemm` (split-K only for one part and a channels-last output);
     """
     op = "qconv2d_split" if len(parts) == 2 else "qconv2d"
     check_device(op, [t for p in parts for t in (p.x, p.w, p.w_rowsum, p.w_scale)]

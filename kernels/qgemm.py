@@ -322,6 +322,9 @@ def codes_in(op: str, parts: Sequence[QPart], out_dtype: torch.dtype | None) -> 
             raise TypeError(f"{op}: int8 codes input needs out_dtype float16/bfloat16/float32 (the dtype of the "
                             f"float activation), got {out_dtype}")
         return True, out_dtype
+    if not parts[0].x.is_floating_point():
+        raise TypeError(f"{op}: activation must be float16/bfloat16/float32 or int8 signed codes, "
+                        f"got {parts[0].x.dtype}")
     if out_dtype is not None and out_dtype != parts[0].x.dtype:
         raise TypeError(f"{op}: float input {parts[0].x.dtype} gives an output of that dtype, got out_dtype={out_dtype}")
     return False, parts[0].x.dtype
@@ -368,8 +371,8 @@ def launch_qgemm(parts: Sequence[QPart], weight_bits: int, bias: torch.Tensor | 
     when the launcher runs inside a ``triton_op``). ``split_k``: K pieces (default
     :func:`.autotune.split_k_for`, a function of the shape; > 1 only for one input part): the
     pieces' int32 partial sums go to a ``torch.empty`` workspace and a second kernel reduces
-    them (exact) and runs the epilogue. Host work: shape/stride arithmetic on Python
-    scalars, ``torch.empty``; no tensor value is read.
+    them (exact) and runs the epilogue. Host work: shape/stride arithmetic on Python scalars,
+    ``torch.empty``; no tensor value is read.
     """
     op = "qlinear_split" if len(parts) == 2 else "qlinear"
     check_device(op, [t for p in parts for t in (p.x, p.w, p.w_rowsum, p.w_scale)]
