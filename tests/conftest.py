@@ -28,6 +28,48 @@ if not _cuda_available():
 import pytest  # noqa: E402
 
 
+def _exact_interpreter_fma() -> None:
+    """Triton's interpreter before 3.8 computes ``tl.fma`` on fp32 as a multiply then an add (two
+    roundings); the GPU's FMA rounds once, and the quantizer's exact-division refinement
+    (kernels/quantize.py) relies on that. Give the interpreter a correctly rounded fp32 fma
+    (product exact in float64, sum rounded to odd, then to fp32), so the kernel tests check the
+    arithmetic the hardware does. Triton >= 3.8 does this itself."""
+    try:
+        import inspect
+
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_fma
+    if "fma_fp32" in inspect.getsource(original):
+        return
+
+    def fma_fp32(x, y, z):
+        x, y, z = np.broadcast_arrays(x, y, z)
+        p = x.astype(np.float64) * y.astype(np.float64)      # exact: two 24-bit significands
+        zz = z.astype(np.float64)
+        s = p + zz
+        bb = s - p
+        err = (p - (s - bb)) + (zz - bb)                      # TwoSum: the exact rounding error of s
+        odd = (s.view(np.int64) & 1) == 1
+        fix = np.isfinite(s) & (err != 0) & ~odd              # round to odd: nudge toward the exact sum
+        s = np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
+
+    def create_fma(self, x, y, z):
+        if z.data.dtype == np.float32:
+            return interpreter.TensorHandle(fma_fp32(x.data, y.data, z.data), z.dtype.scalar)
+        return original(self, x, y, z)
+
+    builder.create_fma = create_fma
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _exact_interpreter_fma()
+
+
 @pytest.fixture
 def reference_kernels(monkeypatch):
     """Route ``torch.ops.qdiff.*`` to the pure-torch reference for one test."""
