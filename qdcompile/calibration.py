@@ -392,7 +392,7 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
 
     meta = QuantMetadata(
         recipe=recipe, model=model_identity(base), layers=records, fallbacks=fallbacks,
-        calibration={**facts, "calib_step_indices": sorted(set(calib.step_indices)), "calib_set_size": len(calib),
+        calibration={**facts, "num_train_timesteps": _schedule_length(scheduler), "calib_step_indices": sorted(set(calib.step_indices)), "calib_set_size": len(calib),
                      "split_layers": {n: list(c) for n, c in splits.items()},
                      # observed input range per part of each split layer (the concat's range spans them all)
                      "split_ranges": {n: [list(r) for r in ranges[n]] for n in splits if n in ranges},
@@ -411,6 +411,12 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     if attach:
         attach_metadata(base, meta)
     return meta
+
+
+def _schedule_length(scheduler) -> Optional[int]:
+    """The scheduler's number of training time steps (the range every time step lies in), if it says."""
+    n = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    return int(n) if isinstance(n, int) else None
 
 
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
