@@ -417,12 +417,10 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+    """A finite JSON number that reads as a float exactly (integers beyond 2^53 do not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
+    return abs(v) <= 2 ** 53 if isinstance(v, int) else math.isfinite(v)
 
 
 def _int(v: Any, where: str, lo: int | None = None, hi: int | None = None,
@@ -472,9 +470,10 @@ def _act_range(v: Any, where: str) -> tuple[float, float] | None:
     return float(v[0]), float(v[1])
 
 
-def _act_quant(d: Any, where: str, with_range: bool = True) -> ActQuant:
-    """A strictly typed activation quantizer (``act_bits``, ``act_scale``, ``act_zero_point``)."""
-    _fields(d, where, ("act_bits", "act_scale", "act_zero_point"))
+def _act_quant(d: Any, where: str, with_range: bool = True, strict: bool = False) -> ActQuant:
+    """A strictly typed activation quantizer (``act_bits``, ``act_scale``, ``act_zero_point``;
+    ``strict``: also ``act_range``, which format 5 always writes)."""
+    _fields(d, where, ("act_bits", "act_scale", "act_zero_point") + (("act_range",) if strict else ()))
     bits = _int(d["act_bits"], f"{where}: act_bits", choices=SUPPORTED_BITS)
     scale = _number(d["act_scale"], f"{where}: act_scale", MIN_ACT_SCALE, MAX_ACT_SCALE, " (2^-100 .. 2^100)")
     zp = _int(d["act_zero_point"], f"{where}: act_zero_point", 0, (1 << bits) - 1)
@@ -516,9 +515,15 @@ def _recipe(d: Any) -> QuantRecipe:
         raise MetadataError(f"recipe: {e}") from None
 
 
+_LAYER_FIELDS = ("op", "weight_bits", "act_bits", "act_scale", "act_zero_point")
+_LAYER_FIELDS_V5 = ("act_range", "split", "weight_digest")   # format 5 writes every field
+_HEADER_FIELDS_V5 = ("fallbacks", "calibration", "layer_order", "act_variants", "noise", "noise_layer", "noise_space",
+                     "corrections", "precision_plan")
+
+
 def _layer_from(name: str, entry: Any, tensors: dict[str, torch.Tensor], version: int) -> LayerQuant:
     where = f"layer {name!r}"
-    _fields(entry, where, ("op", "weight_bits", "act_bits", "act_scale", "act_zero_point"))
+    _fields(entry, where, _LAYER_FIELDS + (_LAYER_FIELDS_V5 if version >= CHECKSUM_VERSION else ()))
 
     def tensor(key: str) -> torch.Tensor:
         if key not in tensors:
@@ -570,7 +575,9 @@ def _layer_from(name: str, entry: Any, tensors: dict[str, torch.Tensor], version
 def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) -> QuantMetadata:
     from .ptqd import StepNoise
 
-    _fields(header, "metadata header", ("recipe", "model", "layers"))
+    _fields(header, "metadata header", ("recipe", "model", "layers")
+            + (_HEADER_FIELDS_V5 if version >= CHECKSUM_VERSION else ()))
+    strict = version >= CHECKSUM_VERSION
     recipe = _recipe(header["recipe"])
     model = _fields(header["model"], "model", ("class", "config", "config_hash"))
     if not isinstance(model["class"], str) or not isinstance(model["config"], dict) \
@@ -594,13 +601,13 @@ def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) ->
     for b, v in _dict(header.get("act_variants", {}), "act_variants").items():
         bits = _int(int(b) if b.isdigit() and len(b) < 4 else b, "act_variants key", choices=SUPPORTED_BITS)
         variants[bits] = {n: [_act_quant(a, f"activation variant A{bits} of layer {n!r}",
-                                         with_range=not (n in layers and layers[n].split))
+                                         with_range=not (n in layers and layers[n].split), strict=strict)
                               for a in _list(acts, f"activation variant A{bits} of layer {n!r}")]
                           for n, acts in _dict(v, f"act_variants[{b!r}]").items()}
     noise: dict[int, list[Any]] = {}
     for b, steps in _dict(header.get("noise", {}), "noise").items():
         bits = _int(int(b) if b.isdigit() and len(b) < 4 else b, "noise key", choices=SUPPORTED_BITS)
-        noise[bits] = [StepNoise.from_dict(_step_noise(d, f"PTQD statistics A{bits} step {i}"))
+        noise[bits] = [StepNoise.from_dict(_step_noise(d, f"PTQD statistics A{bits} step {i}", strict))
                        for i, d in enumerate(_list(steps, f"noise[{b!r}]"))]
     plan = []
     for i, e in enumerate(_list(header.get("precision_plan", []), "precision_plan")):
@@ -623,9 +630,9 @@ def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) ->
     return result
 
 
-def _step_noise(d: Any, where: str) -> dict[str, Any]:
+def _step_noise(d: Any, where: str, strict: bool = False) -> dict[str, Any]:
     """One step's PTQD statistics, typed: time step, k >= 0, mu, var >= 0, SNRs >= 0 (or "inf")."""
-    _fields(d, where, ("timestep", "k", "mu", "var", "snr_q", "snr_q_corrected"))
+    _fields(d, where, ("timestep", "k", "mu", "var", "snr_q", "snr_q_corrected") + (("samples",) if strict else ()))
     _int(d["timestep"], f"{where}: timestep", 0)
     _number(d["k"], f"{where}: k", 0.0, what=" (the correlation coefficient, >= 0)")
     _number(d["var"], f"{where}: var", 0.0, what=" (a variance, >= 0)")
