@@ -613,8 +613,11 @@ def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) ->
     for i, e in enumerate(_list(header.get("precision_plan", []), "precision_plan")):
         if not isinstance(e, list) or len(e) != 2:
             raise MetadataError(f"precision_plan entry {i} must be [timestep, act bits], got {e!r}")
-        plan.append((_int(e[0], f"precision_plan entry {i}: timestep", 0),
-                     _int(e[1], f"precision_plan entry {i}: act bits", choices=SUPPORTED_BITS)))
+        t, bits = _int(e[0], f"precision_plan entry {i}: timestep", 0), _int(e[1], f"precision_plan entry {i}: act bits")
+        if bits not in SUPPORTED_BITS:
+            raise MetadataError(f"precision plan uses A{bits} at time step {t}; supported: "
+                                f"{', '.join('A%d' % b for b in SUPPORTED_BITS)}")
+        plan.append((t, bits))
     space = header.get("noise_space") or ("output" if header.get("noise") else None)
     if space is not None and space not in NOISE_SPACES:
         raise MetadataError(f"noise_space must be one of {NOISE_SPACES} or null, got {space!r}")
@@ -706,7 +709,8 @@ def _validate_noise(meta: QuantMetadata) -> None:
         if plan_times and not set(times) <= plan_times:
             raise MetadataError(f"PTQD statistics for A{bits} at time steps {sorted(set(times) - plan_times)}, which "
                                 "the precision plan (the calibrated schedule) does not have")
-        for s in steps:
+        for i, s in enumerate(steps):
+            _step_noise(s.to_dict(), f"PTQD statistics A{bits} step {i}")   # also in-memory statistics
             if len(s.mu) != channels:
                 raise MetadataError(f"PTQD statistics A{bits} at time step {s.timestep}: mu has {len(s.mu)} values, "
                                     f"expected one per predicted-noise channel of {meta.noise_layer!r} ({channels})")
@@ -832,8 +836,8 @@ def _check_digest(where: str, rec: LayerQuant) -> None:
                             f"entries), got {getattr(d, 'dtype', type(d).__name__)} {list(getattr(d, 'shape', []))}")
     scale = rec.weight_scale if not rec.split else torch.cat(
         [p.weight_scale[:, None].expand(-1, p.channels) for p in rec.split], 1)
-    scale = scale.reshape(scale.shape[0], -1, *([1] * (rec.weight_q.dim() - 2))).double()
-    rms = float((rec.weight_q.double() * scale).pow(2).mean().sqrt())
+    scale = scale.reshape(scale.shape[0], -1, *([1] * (rec.weight_q.dim() - 2)))
+    rms = float((rec.weight_q.float() * scale).pow(2).mean().sqrt())
     ref = float(d[1])
     ok = rms == 0 if ref == 0 else 1 / WEIGHT_RMS_TOLERANCE <= rms / ref <= WEIGHT_RMS_TOLERANCE
     if not ok:

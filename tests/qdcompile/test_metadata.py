@@ -189,7 +189,7 @@ HEADER_CASES = [   # (file kind, header edit, the message naming the field and w
                                                               "channel of 'conv_out' \\(1\\)"),
     ("mixed-ptqd", _set(("noise", "8", 0, "timestep"), 5000), r"time step 5000, outside the schedule's \[0, 999\]"),
     ("mixed-ptqd", lambda h: h["noise"].pop("4"), r"the precision plan uses \['A4'\], which have no PTQD statistics"),
-    ("mixed-ptqd", _set(("precision_plan", 0, 1), 6), r"precision_plan entry 0: act bits 6 not in \(4, 8\)"),
+    ("mixed-ptqd", _set(("precision_plan", 0, 1), 6), "precision plan uses A6 at time step 666; supported: A4, A8"),
     ("mixed-ptqd", _set(("act_variants", "4", CONV, 0, "act_bits"), 8), "activation variant A4 .* act_bits 8 not|"
                                                                          "act_bits \\[8\\], expected 4"),
     ("mixed-ptqd", _set(("noise_layer",), SPLIT), f"PTQD statistics correct layer '{SPLIT}', a split layer"),
@@ -290,3 +290,17 @@ def test_saved_files_follow_the_umask(calibrated, tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_quantized_unet_checks_in_memory_statistics(metadata_files):
+    """PTQD statistics built in Python (not loaded) are checked too: k = -1 or mu = [] once ended
+    in ZeroDivisionError inside QuantizedUNet."""
+    import dataclasses
+
+    unet, path = metadata_files["mixed-ptqd"]
+    meta = qdcompile.load_metadata(path)
+    for change, message in (({"k": -1.0}, "k must lie in"), ({"mu": ()}, "mu must list one finite number"),
+                            ({"var": float("nan")}, "var must be a finite number")):
+        noise = {b: [dataclasses.replace(s, **change) for s in steps] for b, steps in meta.noise.items()}
+        with pytest.raises(MetadataError, match=message):
+            qdcompile.QuantizedUNet(unet, dataclasses.replace(meta, noise=noise), backend="simulate")
