@@ -620,7 +620,7 @@ def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) ->
         plan.append((t, bits))
     space = header.get("noise_space") or ("output" if header.get("noise") else None)
     if space is not None and space not in NOISE_SPACES:
-        raise MetadataError(f"noise_space must be one of {NOISE_SPACES} or null, got {space!r}")
+        raise MetadataError(f"noise_space: PTQD statistics in space {space!r}; expected one of {NOISE_SPACES} or null")
     noise_layer = header.get("noise_layer")
     if noise_layer is not None and not isinstance(noise_layer, str):
         raise MetadataError(f"noise_layer must be a layer name or null, got {noise_layer!r}")

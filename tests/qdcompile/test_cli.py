@@ -242,3 +242,18 @@ def test_non_diffusers_modules_get_a_type_error():
                lambda: qdcompile.sample(torch.compile(seq), scheduler(), progress=False)):
         with pytest.raises(TypeError, match="expects a diffusers UNet2DModel/UNet2DConditionModel .* got Sequential"):
             fn()
+
+
+def test_demo_heartbeat_shows_progress_while_compiling(capsys):
+    """The demo's compile step prints the elapsed time while it runs (quiet: nothing)."""
+    import time
+
+    from qdcompile.cli import _heartbeat
+
+    with _heartbeat("      compiling", every=0.05):
+        time.sleep(0.3)
+    beats = capsys.readouterr().out.splitlines()
+    assert len(beats) >= 3 and all(re.fullmatch(r" {6}compiling \.\.\. \d+s", b) for b in beats), beats
+    with _heartbeat("      compiling", every=0.05, quiet=True):
+        time.sleep(0.15)
+    assert capsys.readouterr().out == ""
