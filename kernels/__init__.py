@@ -45,7 +45,7 @@ def qlinear(x: torch.Tensor, weight: PreparedWeight, weight_scale: torch.Tensor,
             bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = Δ·s·(q(x)·W_qᵀ − Z·rowsum) + bias [+ bias_correction]``; ``x``: ``[..., K]`` float."""
     return torch.ops.qdiff.qlinear(x, weight.w, weight.rowsum, weight_scale, float(act_scale), int(act_zero_point),
-                                   int(act_bits), weight.bits, bias, bias_correction)
+                                   int(act_bits), weight.bits, bias=bias, bias_correction=bias_correction)
 
 
 def qconv2d(x: torch.Tensor, weight: PreparedWeight, weight_scale: torch.Tensor, act_scale: float,
@@ -56,7 +56,7 @@ def qconv2d(x: torch.Tensor, weight: PreparedWeight, weight_scale: torch.Tensor,
     The output layout follows the input like ``torch.conv2d`` (channels-last in, channels-last out)."""
     return torch.ops.qdiff.qconv2d(x, weight.w, weight.rowsum, weight_scale, float(act_scale), int(act_zero_point),
                                    int(act_bits), weight.bits, _pair(kernel_size), _pair(stride), _pair(padding),
-                                   bias, bias_correction)
+                                   bias=bias, bias_correction=bias_correction)
 
 
 def _split_args(xs, weights, weight_scales, act_scales, act_zero_points, act_bits):
@@ -74,7 +74,7 @@ def qlinear_split(xs: Sequence[torch.Tensor], weights: Sequence[PreparedWeight],
                   bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
     """qlinear of ``cat(xs, -1)`` with one quantizer per part; the concatenation is never built."""
     return torch.ops.qdiff.qlinear_split(*_split_args(xs, weights, weight_scales, act_scales, act_zero_points, act_bits),
-                                         bias, bias_correction)
+                                         bias=bias, bias_correction=bias_correction)
 
 
 def qconv2d_split(xs: Sequence[torch.Tensor], weights: Sequence[PreparedWeight], weight_scales: Sequence[torch.Tensor],
@@ -83,4 +83,5 @@ def qconv2d_split(xs: Sequence[torch.Tensor], weights: Sequence[PreparedWeight],
                   bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
     """qconv2d of ``cat(xs, dim=1)`` with one quantizer per part; the concatenation is never built."""
     return torch.ops.qdiff.qconv2d_split(*_split_args(xs, weights, weight_scales, act_scales, act_zero_points, act_bits),
-                                         _pair(kernel_size), _pair(stride), _pair(padding), bias, bias_correction)
+                                         _pair(kernel_size), _pair(stride), _pair(padding), bias=bias,
+                                         bias_correction=bias_correction)

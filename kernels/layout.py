@@ -94,8 +94,9 @@ def check_parts(op: str, parts: "list[QPart] | tuple[QPart, ...]", weight_bits: 
     n = parts[0].w.shape[0] if parts[0].w.dim() == 2 else -1
     for i, p in enumerate(parts):
         where = f"{op}: part {i}" if len(parts) > 1 else op
-        if p.x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{where}: activation must be float16/bfloat16/float32, got {p.x.dtype}")
+        if p.x.dtype not in _FLOAT_DTYPES and p.x.dtype != torch.int8:
+            raise TypeError(f"{where}: activation must be float16/bfloat16/float32 (or int8 signed codes "
+                            f"q − 2^(b−1)), got {p.x.dtype}")
         if p.x.dtype != parts[0].x.dtype:
             raise TypeError(f"{where}: all parts must share one dtype, got {p.x.dtype} and {parts[0].x.dtype}")
         for name, t in (("x", p.x), ("w", p.w), ("w_rowsum", p.w_rowsum), ("w_scale", p.w_scale)):

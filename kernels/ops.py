@@ -9,6 +9,17 @@ under ``torch.compile`` (each has a fake/Meta implementation) and run:
   ``TRITON_INTERPRET=1`` are set.
 
 ``QDCOMPILE_KERNELS`` = ``auto`` (default) | ``triton`` | ``reference`` chooses.
+
+Activations come in as float (quantize-on-load inside the kernel) or, on the compiled path,
+as int8 *signed codes* ``q − 2^(b−1)`` that the producing kernel wrote (the ``qdiff``
+backend puts the quantizer into the graph, Inductor fuses it into the producer); the ops
+then take ``out_dtype``, the dtype the float activation had.
+
+No Python between kernels on CUDA: under ``torch.compile`` the GEMM/conv ops decompose (in
+AOTAutograd's functional tracing, as ``torch.library.triton_op`` does) into their launcher
+with ``torch.library.wrap_triton``, so Inductor's generated wrapper launches the Triton
+kernel itself and the validation and constant set-up run once, at compile time. On CPU
+(reference or interpreter) they stay opaque custom ops.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import qconv, qgemm, quantize
+from .autotune import interpreting
 from .layout import QPart, check_parts
 from .qconv import conv_out_size
 
@@ -71,24 +83,51 @@ def _check_linear_geometry(op: str, parts: Sequence[QPart]) -> None:
             raise ValueError(f"{op}: split parts must share leading dims, got {list(x0.shape)} and {list(p.x.shape)}")
 
 
-def run_qgemm(parts: Sequence[QPart], weight_bits: int, bias, bias_correction) -> torch.Tensor:
-    """Validate then run the linear family on the selected implementation."""
+def _check_codes(op: str, parts: Sequence[QPart], out_dtype) -> None:
+    codes = [p.x.dtype == torch.int8 for p in parts]
+    if any(codes) and out_dtype is None:
+        raise TypeError(f"{op}: int8 activation codes need out_dtype (the dtype of the float activation)")
+    if any(codes) != all(codes):
+        raise TypeError(f"{op}: either every part holds int8 codes or none does")
+
+
+def _for_launch(parts: Sequence[QPart]) -> tuple[list[QPart], bool]:
+    """Parts as the Triton launchers take them: float, or codes (``input_codes``)."""
+    if parts[0].x.dtype != torch.int8:
+        return list(parts), False
+    return [p._replace(x=qgemm.act_codes_reference(p)) for p in parts], True
+
+
+def run_qgemm(parts: Sequence[QPart], weight_bits: int, bias, bias_correction, out_dtype=None,
+              kernel_wrapper=None) -> torch.Tensor:
+    """Validate then run the linear family on the selected implementation (``kernel_wrapper``:
+    see :func:`.qgemm.launch_qgemm`; forces the Triton kernels)."""
     op = "qlinear_split" if len(parts) == 2 else "qlinear"
     _check_linear_geometry(op, parts)
     check_parts(op, parts, weight_bits, _linear_k, bias, bias_correction)
-    impl = qgemm.qgemm_triton if kernel_mode(parts[0].x.device) == "triton" else qgemm.qgemm_reference
-    return impl(parts, weight_bits, bias, bias_correction)
+    _check_codes(op, parts, out_dtype)
+    if kernel_wrapper is None and kernel_mode(parts[0].x.device) == "reference":
+        return qgemm.qgemm_reference(parts, weight_bits, bias, bias_correction, out_dtype=out_dtype)
+    launch_parts, codes = _for_launch(parts)
+    return qgemm.launch_qgemm(launch_parts, weight_bits, bias, bias_correction, input_codes=codes,
+                              out_dtype=out_dtype, kernel_wrapper=kernel_wrapper)
 
 
 def run_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size, stride, padding,
-                bias, bias_correction) -> torch.Tensor:
+                bias, bias_correction, out_dtype=None, kernel_wrapper=None) -> torch.Tensor:
     """Validate then run the conv family on the selected implementation."""
     op = "qconv2d_split" if len(parts) == 2 else "qconv2d"
     _check_conv_geometry(op, parts, kernel_size, stride, padding)
     check_parts(op, parts, weight_bits, _conv_k(kernel_size), bias, bias_correction)
-    impl = qconv.qconv2d_triton if kernel_mode(parts[0].x.device) == "triton" else qconv.qconv2d_reference
-    return impl(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias, bias_correction,
-                memory_format=conv_memory_format(parts[0].x))
+    _check_codes(op, parts, out_dtype)
+    fmt = conv_memory_format(parts[0].x)
+    if kernel_wrapper is None and kernel_mode(parts[0].x.device) == "reference":
+        return qconv.qconv2d_reference(parts, weight_bits, list(kernel_size), list(stride), list(padding), bias,
+                                       bias_correction, memory_format=fmt, out_dtype=out_dtype)
+    launch_parts, codes = _for_launch(parts)
+    return qconv.launch_qconv2d(launch_parts, weight_bits, list(kernel_size), list(stride), list(padding), bias,
+                                bias_correction, input_codes=codes, out_dtype=out_dtype, memory_format=fmt,
+                                kernel_wrapper=kernel_wrapper)
 
 
 def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -113,17 +152,60 @@ def _(x, scale, zero_point, bits):
     return torch.empty_like(x, dtype=torch.uint8)
 
 
+def _linear_parts(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits):
+    return [QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)]
+
+
+def _split_parts(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                 act_zero_point1, act_zero_point2, act_bits1, act_bits2):
+    return [QPart(x1, w1, w_rowsum1, w_scale1, act_scale1, act_zero_point1, act_bits1),
+            QPart(x2, w2, w_rowsum2, w_scale2, act_scale2, act_zero_point2, act_bits2)]
+
+
+def _compiled_triton(tensors) -> bool:
+    """True when a traced call should become Inductor-launched Triton kernels: CUDA tensors
+    with the Triton implementation selected (not the interpreter, which Inductor cannot launch)."""
+    x = tensors[0]
+    return x.device.type == "cuda" and not interpreting() and kernel_mode(x.device) == "triton"
+
+
+def _decompose_on_cuda(op_def, body) -> None:
+    """Like ``torch.library.triton_op``, but only for CUDA: in AOTAutograd's functional tracing
+    the op is replaced by ``body(..., kernel_wrapper=wrap_triton)`` — the launcher with its kernel
+    wrapped — so Inductor sees the kernel and its generated wrapper launches it; on other
+    devices the op stays opaque (the reference or the interpreter runs in its eager kernel)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def decompose(mode, op, types, args, kwargs):
+        if not _compiled_triton(args):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return body(*args, **kwargs, kernel_wrapper=torch.library.wrap_triton)
+
+    op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
+
+
+# ---- GEMM/conv ops. Optional arguments are keyword-only: the same call reaches the eager kernel,
+# the fake kernel and the CUDA decomposition unchanged.
+
 @torch.library.custom_op("qdiff::qlinear", mutates_args=())
 def qlinear_op(x: torch.Tensor, w: torch.Tensor, w_rowsum: torch.Tensor, w_scale: torch.Tensor,
                act_scale: float, act_zero_point: int, act_bits: int, weight_bits: int,
-               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    part = QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)
-    return run_qgemm([part], weight_bits, bias, bias_correction)
+               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None, *,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return _qlinear(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, bias=bias,
+                    bias_correction=bias_correction, out_dtype=out_dtype)
+
+
+def _qlinear(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, bias=None,
+             bias_correction=None, *, out_dtype=None, kernel_wrapper=None):
+    parts = [QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)]
+    return run_qgemm(parts, weight_bits, bias, bias_correction, out_dtype, kernel_wrapper)
 
 
 @qlinear_op.register_fake
-def _(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, bias=None, bias_correction=None):
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+def _(x, w, *args, out_dtype=None, **kwargs):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype or x.dtype)
 
 
 @torch.library.custom_op("qdiff::qlinear_split", mutates_args=())
@@ -131,36 +213,54 @@ def qlinear_split_op(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, w2: t
                      w_rowsum1: torch.Tensor, w_rowsum2: torch.Tensor, w_scale1: torch.Tensor, w_scale2: torch.Tensor,
                      act_scale1: float, act_scale2: float, act_zero_point1: int, act_zero_point2: int,
                      act_bits1: int, act_bits2: int, weight_bits: int,
-                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    parts = [QPart(x1, w1, w_rowsum1, w_scale1, act_scale1, act_zero_point1, act_bits1),
-             QPart(x2, w2, w_rowsum2, w_scale2, act_scale2, act_zero_point2, act_bits2)]
-    return run_qgemm(parts, weight_bits, bias, bias_correction)
+                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None, *,
+                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return _qlinear_split(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                          act_zero_point1, act_zero_point2, act_bits1, act_bits2, weight_bits, bias=bias,
+                          bias_correction=bias_correction, out_dtype=out_dtype)
+
+
+def _qlinear_split(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                   act_zero_point1, act_zero_point2, act_bits1, act_bits2, weight_bits, bias=None,
+                   bias_correction=None, *, out_dtype=None, kernel_wrapper=None):
+    parts = _split_parts(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                         act_zero_point1, act_zero_point2, act_bits1, act_bits2)
+    return run_qgemm(parts, weight_bits, bias, bias_correction, out_dtype, kernel_wrapper)
 
 
 @qlinear_split_op.register_fake
-def _(x1, x2, w1, w2, *args, **kwargs):
-    return x1.new_empty((*x1.shape[:-1], w1.shape[0]))
+def _(x1, x2, w1, *args, out_dtype=None, **kwargs):
+    return x1.new_empty((*x1.shape[:-1], w1.shape[0]), dtype=out_dtype or x1.dtype)
 
 
-def _conv_fake(x: torch.Tensor, n: int, kernel_size, stride, padding) -> torch.Tensor:
+def _conv_fake(x: torch.Tensor, n: int, kernel_size, stride, padding, out_dtype) -> torch.Tensor:
     oh = conv_out_size(x.shape[2], kernel_size[0], stride[0], padding[0])
     ow = conv_out_size(x.shape[3], kernel_size[1], stride[1], padding[1])
-    return x.new_empty((x.shape[0], n, oh, ow)).contiguous(memory_format=conv_memory_format(x))
+    return x.new_empty((x.shape[0], n, oh, ow), dtype=out_dtype or x.dtype).contiguous(
+        memory_format=conv_memory_format(x))
 
 
 @torch.library.custom_op("qdiff::qconv2d", mutates_args=())
 def qconv2d_op(x: torch.Tensor, w: torch.Tensor, w_rowsum: torch.Tensor, w_scale: torch.Tensor,
                act_scale: float, act_zero_point: int, act_bits: int, weight_bits: int,
                kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    part = QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)
-    return run_qconv2d([part], weight_bits, kernel_size, stride, padding, bias, bias_correction)
+               bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None, *,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return _qconv2d(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, kernel_size, stride,
+                    padding, bias=bias, bias_correction=bias_correction, out_dtype=out_dtype)
+
+
+def _qconv2d(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, kernel_size, stride, padding,
+             bias=None, bias_correction=None, *, out_dtype=None, kernel_wrapper=None):
+    parts = [QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)]
+    return run_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction, out_dtype,
+                       kernel_wrapper)
 
 
 @qconv2d_op.register_fake
 def _(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits, weight_bits, kernel_size, stride, padding,
-      bias=None, bias_correction=None):
-    return _conv_fake(x, w.shape[0], kernel_size, stride, padding)
+      bias=None, bias_correction=None, *, out_dtype=None):
+    return _conv_fake(x, w.shape[0], kernel_size, stride, padding, out_dtype)
 
 
 @torch.library.custom_op("qdiff::qconv2d_split", mutates_args=())
@@ -169,13 +269,59 @@ def qconv2d_split_op(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, w2: t
                      act_scale1: float, act_scale2: float, act_zero_point1: int, act_zero_point2: int,
                      act_bits1: int, act_bits2: int, weight_bits: int,
                      kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    parts = [QPart(x1, w1, w_rowsum1, w_scale1, act_scale1, act_zero_point1, act_bits1),
-             QPart(x2, w2, w_rowsum2, w_scale2, act_scale2, act_zero_point2, act_bits2)]
-    return run_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction)
+                     bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None, *,
+                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return _qconv2d_split(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                          act_zero_point1, act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride,
+                          padding, bias=bias, bias_correction=bias_correction, out_dtype=out_dtype)
+
+
+def _qconv2d_split(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                   act_zero_point1, act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride, padding,
+                   bias=None, bias_correction=None, *, out_dtype=None, kernel_wrapper=None):
+    parts = _split_parts(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                         act_zero_point1, act_zero_point2, act_bits1, act_bits2)
+    return run_qconv2d(parts, weight_bits, kernel_size, stride, padding, bias, bias_correction, out_dtype,
+                       kernel_wrapper)
 
 
 @qconv2d_split_op.register_fake
 def _(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2, act_zero_point1,
-      act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride, padding, bias=None, bias_correction=None):
-    return _conv_fake(x1, w1.shape[0], kernel_size, stride, padding)
+      act_zero_point2, act_bits1, act_bits2, weight_bits, kernel_size, stride, padding, bias=None, bias_correction=None,
+      *, out_dtype=None):
+    return _conv_fake(x1, w1.shape[0], kernel_size, stride, padding, out_dtype)
+
+
+def _split_parts(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
+                 act_zero_point1, act_zero_point2, act_bits1, act_bits2):
+    return [QPart(x1, w1, w_rowsum1, w_scale1, act_scale1, act_zero_point1, act_bits1),
+            QPart(x2, w2, w_rowsum2, w_scale2, act_scale2, act_zero_point2, act_bits2)]
+
+
+def _compiled_triton(tensors) -> bool:
+    """True when a traced call should become Inductor-launched Triton kernels: CUDA tensors
+    with the Triton implementation selected (not the interpreter, which Inductor cannot launch)."""
+    x = tensors[0]
+    return x.device.type == "cuda" and not interpreting() and kernel_mode(x.device) == "triton"
+
+
+def _decompose_on_cuda(op_def, body) -> None:
+    """Like ``torch.library.triton_op``, but for CUDA only: in AOTAutograd's functional tracing
+    the op is replaced by ``body(..., kernel_wrapper=wrap_triton)`` — its launcher with the kernel
+    wrapped — so Inductor sees the kernel and its generated wrapper launches it: no custom-op
+    dispatch, validation or constant set-up per call. On other devices the op stays opaque (the
+    reference or the interpreter runs in its eager kernel)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def decompose(mode, op, types, args, kwargs):
+        if not _compiled_triton(args):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return body(*args, **kwargs, kernel_wrapper=torch.library.wrap_triton)
+
+    op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
+
+
+for _op, _body in ((qlinear_op, _qlinear), (qlinear_split_op, _qlinear_split), (qconv2d_op, _qconv2d),
+                   (qconv2d_split_op, _qconv2d_split)):
+    _decompose_on_cuda(_op, _body)

@@ -31,10 +31,10 @@ import triton.language as tl
 
 from .autotune import AUTOTUNE_PRUNE, launch_options, matmul_configs
 from .layout import QPart, unpack_weight
-from .qgemm import (MAX_K, _epilogue, act_codes, add_bias, add_bias_terms, check_device, check_span,
+from .qgemm import (MAX_K, _epilogue, _unwrapped, act_codes, act_codes_reference, add_bias, add_bias_terms,
+                    check_device, check_span,
                     dequant_part, grouped_tile, weight_tile)
 from .quantize import act_quant_constants
-from .quantizers import quantize_act
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -70,7 +70,7 @@ def _conv_part(acc, x_ptr, w_ptr, offs_b, ih0, iw0, offs_n, H, W, C,
             mask = row_ok[:, None] & (c0 + offs_c < C)[None, :]
         a = act_codes(ptrs, mask, act_scale, inv_scale, x_lo, x_hi, zero_point, ACT_BITS, INPUT_CODES, True)
         w = weight_tile(w_rows, r * C, c0, C, W_BITS, PAIRED, not EVEN_C, BLOCK_K)
-        acc = tl.dot(a, tl.trans(w), acc)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)   # explicit: Triton < 3.8 asserts otherwise
     return acc
 
 
@@ -156,7 +156,7 @@ def _qconv2d_kernel(
 def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int], bias: torch.Tensor | None, bias_correction: torch.Tensor | None,
                    input_codes: bool = False, out_dtype: torch.dtype | None = None,
-                   memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+                   memory_format: torch.memory_format = torch.channels_last, kernel_wrapper=None) -> torch.Tensor:
     """Launch the conv kernel.
 
     ``input_codes``: ``parts[i].x`` already holds uint8 codes (benchmark/test path; output
@@ -190,7 +190,7 @@ def launch_qconv2d(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
     p1, p2 = parts[0], parts[-1]
     split = len(parts) == 2
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _qconv2d_kernel[grid](
+    (kernel_wrapper or _unwrapped)(_qconv2d_kernel)[grid](
         p1.x, ws[0], p1.w_rowsum, p1.w_scale,
         p2.x, ws[-1], p2.w_rowsum, p2.w_scale,
         bias if bias is not None else p1.w_scale, bias_correction if bias_correction is not None else p1.w_scale, y,
@@ -222,7 +222,8 @@ def qconv2d_triton(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequen
 def qconv2d_reference(parts: Sequence[QPart], weight_bits: int, kernel_size: Sequence[int], stride: Sequence[int],
                       padding: Sequence[int], bias: torch.Tensor | None = None,
                       bias_correction: torch.Tensor | None = None,
-                      memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+                      memory_format: torch.memory_format = torch.channels_last,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pure-torch definition of the quantized conv (exact integer contraction in float64)."""
     kh, kw = kernel_size
     ph, pw = padding
@@ -230,11 +231,11 @@ def qconv2d_reference(parts: Sequence[QPart], weight_bits: int, kernel_size: Seq
     for p in parts:
         c = p.x.shape[1]
         n = p.w.shape[0]
-        q = quantize_act(p.x, p.act_scale, p.act_zero_point, p.act_bits).to(torch.float64)
+        q = act_codes_reference(p).to(torch.float64)
         q = F.pad(q, (pw, pw, ph, ph), value=float(p.act_zero_point))
         wq = unpack_weight(p.w, kh * kw * c, weight_bits).reshape(n, kh, kw, c).permute(0, 3, 1, 2)
         acc = F.conv2d(q, wq.to(torch.float64), stride=tuple(stride))
         centered = acc - p.act_zero_point * p.w_rowsum.to(torch.float64).view(1, -1, 1, 1)
         out = _epilogue(out, centered, p, (1, -1, 1, 1))
     out = add_bias(out, bias, bias_correction, (1, -1, 1, 1))
-    return out.to(parts[0].x.dtype).contiguous(memory_format=memory_format)
+    return out.to(out_dtype or parts[0].x.dtype).contiguous(memory_format=memory_format)

@@ -18,6 +18,19 @@ Step-aware mixed precision: the graph is specialised per activation precision to
 call time here, so switching precision between denoising steps never recompiles once each
 precision has run once. :func:`compile_count` counts our compilations (tests, the sampler).
 
+Options (``torch.compile(unet, backend="qdiff", mode=..., options={...})``):
+
+* ``mode="reduce-overhead"``: Inductor's CUDA graphs capture the whole compiled step, one
+  graph per activation precision (Triton autotuning runs in the warm-up calls, before
+  capture). Per-step PTQD correction buffers are written in place before each replay.
+* ``options={"producer_quant": False}``: quantize on load inside the integer kernels instead
+  of in the activation's producer (the default; see :mod:`.quantize_layers`). Other entries
+  of ``options`` are Inductor config patches, as with ``backend="inductor"``.
+
+The graph is compiled with Inductor's eager-numerics switches for division rounding and
+low-precision casts, so the quantizer Inductor fuses into a producer computes exactly the
+reference codes (``RN(x/Δ)`` of the activation as rounded to its dtype).
+
 Graphs with integer ops are inference only (the ops have no autograd formula): they are
 compiled as inference graphs and always run without autograd, so a caller that forgot
 ``torch.no_grad()`` still gets its result; a ``backward`` through them raises
@@ -67,6 +80,25 @@ def _weight_input_indices(gm: fx.GraphModule) -> list[int]:
     return sorted(idx)
 
 
+_MODES = {None: {}, "default": {}, "reduce-overhead": {"triton.cudagraphs": True},
+          "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
+          "max-autotune-no-cudagraphs": {"max_autotune": True}}
+# the fused quantizer must round like the reference: IEEE division (Triton's `/` is approximate)
+# and the activation rounded to its own dtype before it is quantized
+_EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
+
+
+def _settings(mode, options) -> tuple[bool, dict]:
+    """(producer_quant, Inductor config patches) from ``torch.compile``'s mode and options."""
+    if mode not in _MODES:
+        raise ValueError(f"qdiff backend: mode={mode!r} is not one of {[m for m in _MODES if m]}")
+    options = dict(options or {})
+    producer_quant = options.pop("producer_quant", True)
+    if not isinstance(producer_quant, bool):
+        raise TypeError(f"qdiff backend: options['producer_quant'] must be True or False, got {producer_quant!r}")
+    return producer_quant, {**_MODES[mode], **options, **_EXACT}
+
+
 INFERENCE_ONLY = ("qdcompile: quantized models are inference only (the integer kernels have no gradient); "
                   "train or fine-tune the float model, and call the compiled model under torch.no_grad() or "
                   "torch.inference_mode() to skip building an autograd graph")
@@ -111,18 +143,18 @@ def _mark_failed(bindings, error: BaseException) -> None:
             b.decisions[b.name] = Decision(d.op, "failed", reason)
 
 
-def _lower(gm: fx.GraphModule, example_inputs):
+def _lower(gm: fx.GraphModule, example_inputs, patches: dict | None = None):
     if os.environ.get("QDCOMPILE_INDUCTOR", "1") == "0":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=patches or dict(_EXACT))
 
 
-def _compile(gm: fx.GraphModule, example_inputs):
+def _compile(gm: fx.GraphModule, example_inputs, producer_quant: bool = True, patches: dict | None = None):
     _compiles[0] += 1
     bindings = [b for b in (lookup(example_inputs[i]) for i in _weight_input_indices(gm)) if b is not None]
-    stats = rewrite_quantized_layers(gm, example_inputs)
+    stats = rewrite_quantized_layers(gm, example_inputs, producer_quant=producer_quant)
     _last_stats[:] = [stats]
     if stats.rewritten == 0:
         logger.warning("qdiff backend: no conv2d/linear in this graph has qdcompile metadata attached "
@@ -130,10 +162,10 @@ def _compile(gm: fx.GraphModule, example_inputs):
     logger.info("qdiff backend: %d conv2d + %d linear rewritten (%d split), %d left in float",
                 stats.conv2d, stats.linear, stats.split, len(stats.fallback))
     if stats.rewritten == 0:
-        return _lower(gm, example_inputs)
+        return _lower(gm, example_inputs, patches)
     try:
         with torch.no_grad():   # an inference graph: the integer ops have no backward
-            return _inference_only(_lower(gm, example_inputs))
+            return _inference_only(_lower(gm, example_inputs, patches))
     except Exception as e:
         _mark_failed(bindings, e)
         raise
@@ -157,10 +189,11 @@ class _Variant:
         return True
 
 
-def qdiff_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+def qdiff_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
+    producer_quant, patches = _settings(mode, options)
     weight_idx = _weight_input_indices(gm)
     pristine = copy.deepcopy(gm) if weight_idx else None
-    first = _compile(gm, example_inputs)
+    first = _compile(gm, example_inputs, producer_quant, patches)
     if not weight_idx:
         return first
     variants = [_Variant([example_inputs[i] for i in weight_idx], active_precision(), first)]
@@ -175,7 +208,7 @@ def qdiff_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         variants[:] = [v for v in variants if not (v.precision == bits and all(a is b for a, b in zip(v.weights, weights)))]
         logger.info("qdiff backend: specialising the graph for %s",
                     f"activation precision A{bits}" if bits is not None else "this model's weights and metadata")
-        fn = _compile(copy.deepcopy(pristine), list(args))
+        fn = _compile(copy.deepcopy(pristine), list(args), producer_quant, patches)
         variants.append(_Variant(weights, bits, fn))
         return fn(*args)
 

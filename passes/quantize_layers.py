@@ -4,7 +4,13 @@ For each call whose weight is bound to a quantization record (see :mod:`.registr
 
 * weights are prepared once here (reordered, int4-packed, row-summed) and become graph
   constants; the call becomes ``qdiff.qconv2d`` / ``qdiff.qlinear`` with the record's
-  activation quantizer (quantize-on-load inside the kernel);
+  activation quantizer;
+* producer-side quantization (default): the activation quantizer is written into the graph
+  as ordinary pointwise ops (``clamp(round(x / Δ) + Z, 0, 2^b − 1) − 2^(b−1)`` → int8), once
+  per distinct (tensor, quantizer), so Inductor fuses it into the kernel that produces the
+  activation (GroupNorm+SiLU, LayerNorm, GEGLU, residual adds), which then stores signed 8-bit
+  codes; the integer op takes the codes and the float dtype (``out_dtype``). Otherwise
+  (``producer_quant=False``) the op takes the float input and quantizes on load;
 * a shortcut-split record whose input is ``cat([a, b], dim=1)`` becomes the ``*_split`` op
   fed by ``a`` and ``b`` directly (the concatenation is not read);
 * a weight-only record (``act_bits`` None) keeps the float op with the dequantized weight;
@@ -149,11 +155,78 @@ def _split_inputs(x, rec, channel_dim: int) -> tuple[fx.Node, fx.Node] | str:
     return tensors[0], tensors[1]
 
 
-def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats:
-    """Rewrite the bound conv2d/linear calls of ``gm`` in place; return the counts."""
+_VIEW_TARGETS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.permute, torch.permute,
+                 torch.Tensor.transpose, torch.transpose, torch.Tensor.contiguous, torch.Tensor.flatten, torch.flatten,
+                 torch.Tensor.unflatten, torch.Tensor.to, "view", "reshape", "permute", "transpose", "contiguous",
+                 "flatten", "unflatten", "to"}
+# Producers Inductor cannot fuse a pointwise consumer into (extern kernels / library calls).
+_EXTERN_PRODUCERS = ("conv", "linear", "matmul", "bmm", "baddbmm", "addmm", "mm", "scaled_dot_product_attention",
+                     "qdiff", "interpolate", "cat")
+
+
+def _producer(node: fx.Node) -> fx.Node:
+    """The node that computes ``node``'s values, looking through views and copies."""
+    while node.op in ("call_function", "call_method") and node.target in _VIEW_TARGETS and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _where_quantized(x: fx.Node) -> str:
+    """For the report: where this layer's input gets quantized on the compiled path."""
+    prod = _producer(x)
+    if prod.op in ("placeholder", "get_attr"):
+        return "input quantized by its own pass (graph input)"
+    name = getattr(prod.target, "__name__", str(prod.target))
+    stack = prod.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else ""
+    where = f"{name}" + (f" in {module}" if module else "")
+    if any(e in name for e in _EXTERN_PRODUCERS):
+        return f"input quantized by its own pass after {where} (library kernel)"
+    return f"input quantized in its producer ({where})"
+
+
+class _ProducerQuant:
+    """Inserts each activation quantizer into the graph once per (tensor, quantizer)."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.codes: dict[tuple, fx.Node] = {}
+
+    def __call__(self, x: fx.Node, before: fx.Node, scale: float, zero_point: int, bits: int) -> fx.Node:
+        key = (x, float(scale), int(zero_point), int(bits))
+        if key not in self.codes:
+            self.codes[key] = self._insert(x, before, *key[1:])
+        return self.codes[key]
+
+    def _insert(self, x: fx.Node, before: fx.Node, scale: float, zero_point: int, bits: int) -> fx.Node:
+        aten = torch.ops.aten
+        shift, qmax = 1 << (bits - 1), (1 << bits) - 1
+        g = self.graph
+        # exactly the reference quantizer: RN(float32(x) / float32(Δ)), round half to even, + Z, clamp;
+        # then the signed shift (integers: exact in float32). Δ is an fp32 value (metadata stores fp32).
+        with g.inserting_before(before):
+            xf = g.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32})
+            q = g.call_function(aten.div.Tensor, (xf, float(scale)))
+            q = g.call_function(aten.round.default, (q,))
+            q = g.call_function(aten.add.Tensor, (q, float(zero_point - shift)))
+            q = g.call_function(aten.clamp.default, (q, float(-shift), float(qmax - shift)))
+            q = g.call_function(aten._to_copy.default, (q,), {"dtype": torch.int8})
+        value = x.meta.get("example_value")
+        if value is not None:
+            q.meta["example_value"] = torch.empty_like(value, dtype=torch.int8)
+        return q
+
+
+def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant: bool = True) -> RewriteStats:
+    """Rewrite the bound conv2d/linear calls of ``gm`` in place; return the counts.
+
+    ``producer_quant``: quantize activations in the graph (fused into their producers by
+    Inductor) and feed codes to the integer ops; else the ops quantize on load."""
     stats = RewriteStats()
     graph = gm.graph
     tensor_of = _TensorLookup(gm, example_inputs)
+    quantize = _ProducerQuant(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -199,6 +272,11 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats
             extra["bias_correction"] = _const(gm, graph, node, f"{binding.name}.correction", shift_buf)
         consts = [(_const(gm, graph, node, f"{binding.name}.w{i}", w), _const(gm, graph, node, f"{binding.name}.rs{i}", rs),
                    _const(gm, graph, node, f"{binding.name}.s{i}", s)) for i, (w, rs, s, *_) in enumerate(parts)]
+        where = ""
+        if producer_quant:
+            where = "; ".join(_where_quantized(x) for x in inputs)
+            extra["out_dtype"] = _dtype_of(args["input"], weight)
+            inputs = [quantize(x, node, *part[3:6]) for x, part in zip(inputs, parts)]
         if len(parts) == 1:
             (w, rs, s), (_, _, _, a_scale, a_zp, a_bits) = consts[0], parts[0]
             qargs = [inputs[0], w, rs, s, a_scale, a_zp, a_bits, rec.weight_bits]
@@ -224,11 +302,17 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs) -> RewriteStats
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         mode = qops.kernel_mode(weight.device)
-        binding.decisions[binding.name] = Decision(op, f"qdiff.{target._schema.name.split('::')[1]} [{mode}]")
+        binding.decisions[binding.name] = Decision(op, f"qdiff.{target._schema.name.split('::')[1]} [{mode}]",
+                                                   where or "input quantized on load, in the kernel")
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return stats
+
+
+def _dtype_of(x, weight: torch.Tensor) -> torch.dtype:
+    value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    return value.dtype if value is not None else weight.dtype
 
 
 def _unsupported(op: str, args: dict, weight: torch.Tensor) -> str | None:

@@ -110,6 +110,10 @@ class QuantizedUNet(nn.Module):
             self.model = base
             self._fused = None
         self.trace: list[tuple[int, Optional[int]]] = []   # (timestep, act bits) of each call
+        self._schedule: Optional[list[int]] = None          # host copy of the sampler's time steps
+        self._cursor = 0                                     # index of the step being sampled
+        self._mismatch: Optional[torch.Tensor] = None        # device flag: a call's t was not the schedule's
+        self._warned_sync = False
 
     # ------------------------------------------------------------------ U-Net look-alike
     @property
@@ -138,6 +142,48 @@ class QuantizedUNet(nn.Module):
                 raise
             return getattr(base, name)
 
+    # ------------------------------------------------------------------ the time step on the host
+    def follow_schedule(self, timesteps) -> None:
+        """Called by :class:`CorrectedScheduler` after ``set_timesteps``: keep a host copy of the
+        time steps (one transfer per sampling run), so that no step reads ``t`` from the GPU."""
+        self.check_schedule()
+        self._schedule = [int(t) for t in torch.as_tensor(timesteps).detach().cpu().reshape(-1).tolist()]
+        self._cursor = 0
+
+    def advance_schedule(self) -> None:
+        """Called by :class:`CorrectedScheduler` after each ``step``."""
+        self._cursor += 1
+
+    def check_schedule(self) -> None:
+        """Raise if a call since the last check was made with a time step other than the one the
+        sampler was at (checked on the device, read here: once per sampling run)."""
+        flag, self._mismatch = self._mismatch, None
+        if flag is not None and bool(flag):
+            raise RuntimeError("QuantizedUNet was called with time steps that are not the scheduler's current ones, "
+                               "so per-step precisions/corrections may have been wrong: call the U-Net once per "
+                               "scheduler.step, with the scheduler's time steps, or pass the time step as a Python int "
+                               "or CPU tensor")
+
+    def host_timestep(self, timestep) -> int:
+        """The time step of this call as a Python int, without a device synchronisation: Python
+        numbers and CPU tensors are read directly; a CUDA tensor is taken from the host copy of
+        the sampler's schedule (and compared with it on the device, see :meth:`check_schedule`)."""
+        if not torch.is_tensor(timestep):
+            return int(timestep)
+        if _host_readable(timestep):
+            return int(timestep.reshape(-1)[0])
+        if self._schedule is not None and self._cursor < len(self._schedule):
+            t = self._schedule[self._cursor]
+            wrong = (timestep.reshape(-1) != t).any()
+            self._mismatch = wrong if self._mismatch is None else self._mismatch | wrong
+            return t
+        if not self._warned_sync:
+            logger.warning("QuantizedUNet: reading the time step from a %s tensor synchronises the device every step; "
+                           "sample through QuantizedUNet.sample / quantize_pipeline (the scheduler tells the model its "
+                           "time steps) or pass CPU time steps", timestep.device.type)
+            self._warned_sync = True
+        return int(timestep.reshape(-1)[0])
+
     # ------------------------------------------------------------------ per step
     def bits_at(self, timestep: int) -> Optional[int]:
         return self.meta.bits_at(timestep) if self.mixed else self.meta.default_act_bits
@@ -161,14 +207,14 @@ class QuantizedUNet(nn.Module):
         scheduler's step will use it: the ε channels replaced by the ε of the clipped x0
         prediction (:func:`qdcompile.ptqd.effective_eps`) and, for sampler-space statistics,
         corrected (k, bias) there. Output-space corrections are already in ``model_output``."""
-        t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
+        t = self.host_timestep(timestep)
         sched = unwrap_scheduler(scheduler)
         affine = self.affine_at(t) if self.corrects_in_sampler else None
         return self._apply(model_output, affine,
                            lambda eps: effective_eps(sched, sample.to(eps.device), t, eps))
 
     def forward(self, sample: torch.Tensor, timestep, *args, **kwargs):
-        t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
+        t = self.host_timestep(timestep)
         bits = self.bits_at(t)
         self.trace.append((t, bits))
         affine = None if self.corrects_in_sampler else self.affine_at(t)
@@ -269,7 +315,9 @@ class QuantizedUNet(nn.Module):
         """:func:`qdcompile.sample` with this model and ``scheduler`` under VSC."""
         from .sampling import sample
 
-        return sample(self, self.wrap_scheduler(scheduler), **kwargs)
+        out = sample(self, self.wrap_scheduler(scheduler), **kwargs)
+        self.check_schedule()
+        return out
 
     def wrap_scheduler(self, scheduler) -> "CorrectedScheduler":
         if isinstance(scheduler, CorrectedScheduler):
@@ -291,6 +339,11 @@ class QuantizedUNet(nn.Module):
         for t in seen.values():
             call_unet(self, x, torch.tensor(t, device=self.device), kw)
         self.trace.clear()
+
+
+def _host_readable(t: torch.Tensor) -> bool:
+    """Reading ``t`` costs no device synchronisation."""
+    return t.device.type == "cpu"
 
 
 def format_correction_check(check: dict[str, Any]) -> str:
@@ -365,8 +418,19 @@ class CorrectedScheduler:
                 self.__dict__["_warned"] = True
             return None
 
+    def set_timesteps(self, *args, **kwargs):
+        out = self.inner.set_timesteps(*args, **kwargs)
+        self.unet.follow_schedule(self.inner.timesteps)
+        return out
+
     def _step(self, model_output, timestep, sample, *args, **kwargs):
-        t = int(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else int(timestep)
+        try:
+            return self._corrected_step(model_output, timestep, sample, *args, **kwargs)
+        finally:
+            self.unet.advance_schedule()
+
+    def _corrected_step(self, model_output, timestep, sample, *args, **kwargs):
+        t = self.unet.host_timestep(timestep)
         kind = scheduler_kind(self.inner)
         if self.unet.corrects_in_sampler and self.unet.affine_at(t) is not None:
             if not clips_x0(self.inner) and not self.__dict__.get("_warned_space"):

@@ -42,3 +42,12 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_report_header(config):
+    """Which Triton the kernel tests run on (CI pins the one torch 2.13's CUDA build uses)."""
+    try:
+        import triton
+    except ImportError:
+        return "triton: not installed (kernel tests skip)"
+    return f"triton: {triton.__version__}"

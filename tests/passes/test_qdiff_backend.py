@@ -247,7 +247,7 @@ def test_report_tells_the_truth_after_a_failed_compile(monkeypatch):
 
     m, _ = _attached_plain_module(seed=1)
 
-    def broken(gm, example_inputs):
+    def broken(*args, **kwargs):
         raise RuntimeError("simulated Inductor failure")
     monkeypatch.setattr(backend, "_lower", broken)
     with pytest.raises(Exception, match="simulated Inductor failure"):

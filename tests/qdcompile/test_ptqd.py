@@ -144,7 +144,8 @@ def _constant_step_variance(sched, unet_stub, t, k, mu, sigma_q, n=400_000, **st
 def _stub(k, mu, var):
     stats = StepNoise(0, k, (mu,), var, 1.0, 1.0)
     return SimpleNamespace(corrections=Corrections(), meta=SimpleNamespace(noise={8: [stats]}), corrects_in_sampler=False,
-                           noise_at=lambda t: stats)
+                           noise_at=lambda t: stats, host_timestep=lambda t: int(torch.as_tensor(t).reshape(-1)[0]),
+                           advance_schedule=lambda: None, follow_schedule=lambda timesteps: None)
 
 
 @pytest.mark.parametrize("t", [500, 100])
