@@ -253,7 +253,6 @@ def cmd_demo(args) -> int:
 
     import qdcompile
     from .images import save_comparison_grid
-
     from .io import atomic_write, check_writable_dir
 
     out = check_writable_dir(args.out, "--out")   # created by the first file written into it
