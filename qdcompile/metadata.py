@@ -484,9 +484,10 @@ _RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inpu
 _RECIPE_LISTS = {"keep_8bit": str, "skip": str, "recon_units": str, "adaround_beta": float, "act_bits_mixed": int}
 
 
-def _recipe(d: Any) -> QuantRecipe:
-    """The recipe of a header, every field of its documented type (no silent conversions)."""
-    _dict(d, "recipe")
+def _recipe(d: Any, strict: bool = False) -> QuantRecipe:
+    """The recipe of a header, every field of its documented type (no silent conversions);
+    ``strict`` (format 5, which writes them all): every field present, none defaulted."""
+    _fields(d, "recipe", tuple(f.name for f in dataclasses.fields(QuantRecipe)) if strict else ())
     for key, v in d.items():
         default = {f.name: f.default for f in dataclasses.fields(QuantRecipe)}.get(key)
         where = f"recipe field {key!r}"
@@ -578,7 +579,7 @@ def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) ->
     _fields(header, "metadata header", ("recipe", "model", "layers")
             + (_HEADER_FIELDS_V5 if version >= CHECKSUM_VERSION else ()))
     strict = version >= CHECKSUM_VERSION
-    recipe = _recipe(header["recipe"])
+    recipe = _recipe(header["recipe"], strict)
     model = _fields(header["model"], "model", ("class", "config", "config_hash"))
     if not isinstance(model["class"], str) or not isinstance(model["config"], dict) \
             or not isinstance(model["config_hash"], str):

@@ -175,6 +175,7 @@ HEADER_CASES = [   # (file kind, header edit, the message naming the field and w
     ("w8a8", _set(("recipe", "weight_bits"), 4), "layer 'conv_in' is W8A8, but the recipe 'w8a8' gives it "
                                                  "W4A8"),
     ("w8a8", _set(("recipe", "keep_8bit"), "conv_in"), "recipe field 'keep_8bit' must be a list of str"),
+    ("w8a8", lambda h: h["recipe"].pop("recon_batch_size"), r"recipe: missing field\(s\) \['recon_batch_size'\]"),
     ("w8a8", _set(("model", "config", "sample_size"), 32), "config_hash .* does not match the stored config"),
     ("w8a8", _set(("layers", CONV, "weight_digest"), False), "header does not list a weight digest, but the file has tensor"),
     ("w4a8-split", _set(("layers", SPLIT, "split", 1, "act_zero_point"), -1), r"split part 1: act_zero_point -1 outside"),
