@@ -477,6 +477,8 @@ def _act_quant(d: Any, where: str, with_range: bool = True, strict: bool = False
     bits = _int(d["act_bits"], f"{where}: act_bits", choices=SUPPORTED_BITS)
     scale = _number(d["act_scale"], f"{where}: act_scale", MIN_ACT_SCALE, MAX_ACT_SCALE, " (2^-100 .. 2^100)")
     zp = _int(d["act_zero_point"], f"{where}: act_zero_point", 0, (1 << bits) - 1)
+    if not with_range and d.get("act_range") is not None:
+        raise MetadataError(f"{where}: act_range must be null here (split parts keep no range), got {d['act_range']!r}")
     return ActQuant(bits, scale, zp, _act_range(d.get("act_range"), where) if with_range else None)
 
 
@@ -619,7 +621,9 @@ def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) ->
             raise MetadataError(f"precision plan uses A{bits} at time step {t}; supported: "
                                 f"{', '.join('A%d' % b for b in SUPPORTED_BITS)}")
         plan.append((t, bits))
-    space = header.get("noise_space") or ("output" if header.get("noise") else None)
+    space = header.get("noise_space")
+    if space is None and not strict:   # before format 3 the statistics were the U-Net output's
+        space = "output" if header.get("noise") else None
     if space is not None and space not in NOISE_SPACES:
         raise MetadataError(f"noise_space: PTQD statistics in space {space!r}; expected one of {NOISE_SPACES} or null")
     noise_layer = header.get("noise_layer")

@@ -194,6 +194,8 @@ HEADER_CASES = [   # (file kind, header edit, the message naming the field and w
     ("mixed-ptqd", _set(("act_variants", "4", CONV, 0, "act_bits"), 8), "activation variant A4 .* act_bits 8 not|"
                                                                          "act_bits \\[8\\], expected 4"),
     ("mixed-ptqd", _set(("noise_layer",), SPLIT), f"PTQD statistics correct layer '{SPLIT}', a split layer"),
+    ("mixed-ptqd", _set(("noise_space",), {}), r"noise_space: PTQD statistics in space \{\}"),
+    ("mixed-ptqd", _set(("act_variants", "4", SPLIT, 1, "act_range"), [0, 1]), "act_range must be null here"),
 ]
 
 
