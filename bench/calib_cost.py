@@ -79,9 +79,9 @@ def main(argv=None) -> int:
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"calib-cost-sd15-{args.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    from qdcompile.io import atomic_write
+
+    atomic_write(out, json.dumps(result, indent=2))
     slow = sorted(result["blocks"], key=lambda b: -b["seconds"])[:5]
     print(f"SD 1.5 U-Net ({params / 1e6:.0f}M params) at latent {args.latent}², {args.device}: {len(blocks)} blocks, "
           f"calibration {total:.0f}s (reconstruction {result['reconstruction_s']:.0f}s), peak RSS "

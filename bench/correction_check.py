@@ -85,9 +85,9 @@ def main() -> None:
                  "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                  "command": "python bench/correction_check.py " + " ".join(
                      f"--{k} {v}" for k, v in vars(a).items() if k != "out"), "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta_info, indent=1))
-    tmp.replace(out)
+    from qdcompile.io import atomic_write
+
+    atomic_write(out, json.dumps(meta_info, indent=1))
     print(f"wrote {out}")
 
 

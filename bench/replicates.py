@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,11 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     text = summarize(runs, a.config, a.vs)
     print(text)
     if a.out:
-        out = Path(a.out)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
+        from qdcompile.io import atomic_write
+
+        atomic_write(a.out, text)
     return 0
 
 

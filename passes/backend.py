@@ -34,6 +34,12 @@ The graph is compiled with Inductor's eager-numerics switches for division round
 low-precision casts, so the quantizer Inductor fuses into a producer computes exactly the
 reference codes (``RN(x/Δ)`` of the activation as rounded to its dtype).
 
+Graphs with integer ops are inference only (the ops have no autograd formula): they are
+compiled as inference graphs and always run without autograd, so a caller that forgot
+``torch.no_grad()`` still gets its result; a ``backward`` through them raises
+:data:`INFERENCE_ONLY`. A graph that fails to compile marks its layers' decisions as failed, so
+``qdcompile.report`` does not claim integer kernels that never ran.
+
 ``QDCOMPILE_INDUCTOR=0`` skips Inductor and runs the rewritten graph eagerly (debugging).
 """
 
@@ -49,7 +55,7 @@ import torch.fx as fx
 
 from .channels_last import channels_last_pass
 from .quantize_layers import CONV_TARGETS, LINEAR_TARGETS, RewriteStats, rewrite_quantized_layers
-from .registry import active_precision, generation, lookup
+from .registry import Decision, active_precision, generation, lookup
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +112,65 @@ def _settings(mode, options) -> _Settings:
     return _Settings(**ours, patches={**_MODES[mode], **options, **_EXACT})
 
 
+INFERENCE_ONLY = ("qdcompile: quantized models are inference only (the integer kernels have no gradient); "
+                  "train or fine-tune the float model, and call the compiled model under torch.no_grad() or "
+                  "torch.inference_mode() to skip building an autograd graph")
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity on the output of an integer graph; its backward raises :data:`INFERENCE_ONLY`."""
+
+    @staticmethod
+    def forward(ctx, anchor, out):
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(INFERENCE_ONLY)
+
+
+def _inference_only(fn):
+    """``fn`` run without autograd; with grad mode on and inputs that need grad, the float outputs
+    carry a backward that raises :data:`INFERENCE_ONLY` instead of silently detaching."""
+    def run(*args):
+        with torch.no_grad():
+            out = fn(*args)
+        anchor = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
+        if anchor is None or not torch.is_grad_enabled():
+            return out
+
+        def guard(o):
+            return _NoBackward.apply(anchor, o) if isinstance(o, torch.Tensor) and o.is_floating_point() else o
+
+        return type(out)(guard(o) for o in out) if isinstance(out, (list, tuple)) else guard(out)
+
+    return run
+
+
+def _mark_failed(bindings, error: BaseException) -> None:
+    """The layers of a graph that did not compile: never ran on integer kernels (for the report)."""
+    reason = f"compilation failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    for b in bindings:
+        d = b.decisions.get(b.name)
+        if d is not None and d.quantized:
+            b.decisions[b.name] = Decision(d.op, "failed", reason)
+
+
+def _lower(gm: fx.GraphModule, example_inputs, patches: dict):
+    if os.environ.get("QDCOMPILE_INDUCTOR", "1") == "0":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
 def _on_cuda(example_inputs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
 
 
 def _compile(gm: fx.GraphModule, example_inputs, settings: _Settings = _Settings()):
     _compiles[0] += 1
+    bindings = [b for b in (lookup(example_inputs[i]) for i in _weight_input_indices(gm)) if b is not None]
     stats = rewrite_quantized_layers(gm, example_inputs, producer_quant=settings.producer_quant)
     if settings.channels_last and stats.conv2d and _on_cuda(example_inputs):
         # the integer conv reads NHWC vectors: one conversion at graph entry/exit instead of scalar loads
@@ -122,11 +181,14 @@ def _compile(gm: fx.GraphModule, example_inputs, settings: _Settings = _Settings
                        "(call qdcompile.calibrate or qdcompile.attach before compiling); compiling in float")
     logger.info("qdiff backend: %d conv2d + %d linear rewritten (%d split), %d left in float",
                 stats.conv2d, stats.linear, stats.split, len(stats.fallback))
-    if os.environ.get("QDCOMPILE_INDUCTOR", "1") == "0":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs, config_patches=settings.patches)
+    if stats.rewritten == 0:
+        return _lower(gm, example_inputs, settings.patches)
+    try:
+        with torch.no_grad():   # an inference graph: the integer ops have no backward
+            return _inference_only(_lower(gm, example_inputs, settings.patches))
+    except Exception as e:
+        _mark_failed(bindings, e)
+        raise
 
 
 class _Variant:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .layers import conv_linear_layers, unsupported_reason
-from .metadata import QuantMetadata, validate_layer
+from .metadata import QuantMetadata
 from .passes import registry
 from .sampling import unwrap
 
@@ -19,9 +19,7 @@ def attach(unet: torch.nn.Module, meta: QuantMetadata) -> torch.nn.Module:
     Attach before compiling: an already compiled model keeps the graphs it has.
     """
     base = unwrap(unet)
-    meta.check_model(base)
-    for name, rec in meta.layers.items():
-        validate_layer(name, rec)
+    meta.check_model(base)   # validates every record first: a malformed one is a MetadataError
     detach(base)
     decisions: dict[str, registry.Decision] = {}
     modules = dict(base.named_modules())
@@ -84,8 +82,9 @@ class Report:
     def counts(self) -> dict[str, int]:
         quant = sum(r.kernel.startswith("qdiff.") for r in self.rows)
         pending = sum(r.kernel == "not compiled yet" for r in self.rows)
-        return {"layers": len(self.rows), "quantized": quant, "pending": pending,
-                "float": len(self.rows) - quant - pending}
+        failed = sum(r.kernel == "failed" for r in self.rows)   # their graph did not compile: nothing ran
+        return {"layers": len(self.rows), "quantized": quant, "pending": pending, "failed": failed,
+                "float": len(self.rows) - quant - pending - failed}
 
     def __str__(self) -> str:
         headers = ("layer", "op", "bits", "kernel", "note")
@@ -96,7 +95,8 @@ class Report:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + ("  " + row[4] if row[4] else ""))
         c = self.counts
         lines.append(f"{c['layers']} conv/linear layers: {c['quantized']} on integer kernels, "
-                     f"{c['float']} float" + (f", {c['pending']} not compiled yet" if c["pending"] else ""))
+                     f"{c['float']} float" + (f", {c['pending']} not compiled yet" if c["pending"] else "")
+                     + (f", {c['failed']} failed to compile" if c["failed"] else ""))
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -48,6 +48,8 @@ from typing import Any, Callable
 
 import torch
 
+from .io import atomic_write
+
 MB = 1e6          # the papers' "MB": 10^6 bytes (PTQD's Table 2 only matches with this)
 MIB = 2 ** 20
 
@@ -1219,9 +1221,7 @@ def _device_slug(info: dict) -> str:
 def _write_results(payload: dict, out_dir: Path, stem: str) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out_dir / f"{stem}.json"), "csv": str(out_dir / f"{stem}.csv")}
-    tmp = Path(paths["json"] + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, paths["json"])
+    atomic_write(paths["json"], json.dumps(payload, indent=2, default=str))
     cols = ["scenario", "contender", "label", "status", "dtype", "batch", "step_ms", "step_graph_ms", "speedup_vs_compiled",
             "speedup_vs_eager", "e2e_s", "e2e_steps", "compile_s", "calibration_s", "weight_MB", "resident_MB",
             "peak_MB", "snr_db_vs_fp_eager", "floor_ms", "pass_spread_pct", "reason"]

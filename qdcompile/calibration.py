@@ -26,7 +26,6 @@ import fnmatch
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -34,11 +33,12 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .io import atomic_write
 from .kernels.quantizers import act_qparams, quantize_weight, weight_qrange, weight_scales
 from .layers import conv_linear_layers, unsupported_reason
 from .metadata import LayerQuant, QuantMetadata, SplitPart, model_identity, weight_digest
 from .recipe import QuantRecipe
-from .sampling import call_unet, sample, unwrap
+from .sampling import call_unet, require_unet, sample, unwrap
 from .split import find_split_layers, quantize_split_layer
 
 logger = logging.getLogger(__name__)
@@ -275,15 +275,7 @@ class CalibrationCheckpoint:
 
     def save(self, **updates: Any) -> None:
         self.state.update(updates, version=CHECKPOINT_VERSION, fingerprint=self.fingerprint)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.state, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, lambda tmp: torch.save(self.state, tmp))
 
     def calibration_set(self) -> CalibrationSet:
         return CalibrationSet(**self.state["calib"])
@@ -326,9 +318,7 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     from .api import attach as attach_metadata
 
     recipe = recipe or QuantRecipe.w8a8()
-    base = unwrap(unet)
-    if not hasattr(base, "config") or not hasattr(base.config, "in_channels"):
-        raise TypeError(f"calibrate expects a diffusers UNet2DModel/UNet2DConditionModel, got {type(base).__name__}")
+    base = require_unet(unet, "calibrate")
     layers = conv_linear_layers(base)
     fallbacks: dict[str, str] = {}
     names = []
@@ -392,7 +382,7 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
 
     meta = QuantMetadata(
         recipe=recipe, model=model_identity(base), layers=records, fallbacks=fallbacks,
-        calibration={**facts, "calib_step_indices": sorted(set(calib.step_indices)), "calib_set_size": len(calib),
+        calibration={**facts, "num_train_timesteps": _schedule_length(scheduler), "calib_step_indices": sorted(set(calib.step_indices)), "calib_set_size": len(calib),
                      "split_layers": {n: list(c) for n, c in splits.items()},
                      # observed input range per part of each split layer (the concat's range spans them all)
                      "split_ranges": {n: [list(r) for r in ranges[n]] for n in splits if n in ranges},
@@ -411,6 +401,12 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     if attach:
         attach_metadata(base, meta)
     return meta
+
+
+def _schedule_length(scheduler) -> Optional[int]:
+    """The scheduler's number of training time steps (the range every time step lies in), if it says."""
+    n = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    return int(n) if isinstance(n, int) else None
 
 
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

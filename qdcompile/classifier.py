@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .io import atomic_write
 
 __all__ = [
     "MnistClassifier",
@@ -119,7 +120,7 @@ def train_mnist_classifier(
     """Train the classifier on MNIST t10k, holding out ``holdout`` images for testing.
 
     The held-out split is a seeded random permutation, so it is reproducible. The
-    weights are written atomically (temporary file + ``os.replace``).
+    weights are written atomically (:func:`qdcompile.io.atomic_write`).
 
     Returns:
         ``(path, held_out_accuracy)``.
@@ -167,16 +168,9 @@ def train_mnist_classifier(
     bar.close()
 
     acc = _accuracy(model, x_test, y_test)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp, metadata={"heldout_accuracy": f"{acc:.4f}", "holdout": str(holdout), "seed": str(seed)})
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata={
+        "heldout_accuracy": f"{acc:.4f}", "holdout": str(holdout), "seed": str(seed)}))
     logger.info("saved MNIST classifier to %s (held-out accuracy %.4f)", out_path, acc)
     return out_path, acc
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -74,17 +76,45 @@ def _load(args, device: str, dtype):
     return pipe.unet, pipe.scheduler, {"encoder_hidden_states": prompt_embeddings(pipe, prompt)}, pipe
 
 
+@contextlib.contextmanager
+def _heartbeat(label: str, every: float = 15.0, quiet: bool = False):
+    """Print ``label ... Ns`` every ``every`` seconds while the block runs (long compilations)."""
+    if quiet:
+        yield
+        return
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def beat():
+        while not done.wait(every):
+            print(f"{label} ... {time.perf_counter() - t0:.0f}s", flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_calibrate(args) -> int:
     import qdcompile
 
+    from .io import check_writable
+
+    check_writable(args.out, "--out")
+    if args.checkpoint:
+        check_writable(args.checkpoint, "--checkpoint")
     device = _device(args.device)
     unet, scheduler, kwargs, _ = _load(args, device, _dtype(device))
     recipe = qdcompile.QuantRecipe.preset(args.recipe)
-    meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.num_samples,
-                               num_inference_steps=args.steps, num_calib_steps=args.calib_steps,
-                               batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                               sample_kwargs=kwargs)
+    with _say_resume():
+        meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.num_samples,
+                                   num_inference_steps=args.steps, num_calib_steps=args.calib_steps,
+                                   batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+                                   sample_kwargs=kwargs, checkpoint=args.checkpoint)
     path = meta.save(args.out)
     print(f"wrote {path} ({len(meta.layers)} layers quantized, {len(meta.fallbacks)} left in float)")
     from .pipeline import format_correction_check
@@ -94,6 +124,30 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+class _ResumeNote(logging.Filter):
+    """Prints the calibration's "resuming calibration from FILE (N blocks done)" line (its other
+    info lines stay quiet, warnings pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and str(record.msg).startswith("resuming"):
+            print(record.getMessage(), flush=True)
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def _say_resume():
+    """Within the block, a calibration resumed from a checkpoint says so, and from where."""
+    log = logging.getLogger("qdcompile.calibration")
+    note, level = _ResumeNote(), log.level
+    log.addFilter(note)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+        log.setLevel(level)
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -101,7 +155,10 @@ def cmd_sample(args) -> int:
     from .images import save_comparison_grid
     from .pipeline import Corrections, QuantizedUNet
 
-    if (args.metadata is None) == (args.recipe is None):
+    if args.metadata is None and args.recipe is None:
+        raise ValueError("say which quantization to sample: --metadata FILE (a calibration file) or --recipe NAME "
+                         f"(calibrate now; one of {', '.join(RECIPES)})")
+    if args.metadata is not None and args.recipe is not None:
         raise ValueError("pass --metadata FILE (calibrated before) or --recipe NAME (calibrate now), not both")
     if args.no_correction and args.all_corrections:
         raise ValueError("pass --no-correction or --all-corrections, not both")
@@ -110,6 +167,11 @@ def cmd_sample(args) -> int:
     if args.snr_margin is not None and args.recipe != "mixed":
         raise ValueError("--snr-margin sets the mixed-precision rule at calibration: use it with --recipe mixed "
                          "(a --metadata file keeps the plan it was calibrated with)")
+    from .io import check_writable
+
+    for flag in ("out", "save_metadata"):
+        if getattr(args, flag):
+            check_writable(getattr(args, flag), f"--{flag.replace('_', '-')}")
     device = _device(args.device)
     dtype = _dtype(device)
     unet, scheduler, kwargs, pipe = _load(args, device, dtype)
@@ -166,7 +228,9 @@ def cmd_sample(args) -> int:
                   f"{format_colour_shift(colour_shift(fp, quant))}")
     if args.out:
         if quant.shape[1] not in (1, 3):
-            torch.save(quant.cpu(), Path(args.out).with_suffix(".pt"))
+            from .io import atomic_write
+
+            atomic_write(Path(args.out).with_suffix(".pt"), lambda tmp: torch.save(quant.cpu(), tmp))
             print(f"latent samples ({quant.shape[1]} channels) saved to {Path(args.out).with_suffix('.pt')}")
         else:
             print(f"wrote {save_comparison_grid(rows, args.out)}")
@@ -189,11 +253,11 @@ def cmd_demo(args) -> int:
 
     import qdcompile
     from .images import save_comparison_grid
+    from .io import atomic_write, check_writable_dir
 
+    out = check_writable_dir(args.out, "--out")   # created by the first file written into it
     device = _device(args.device)
     dtype = _dtype(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     unet, scheduler = qdcompile.reference_model(args.model, device=device, dtype=dtype)
     recipe = qdcompile.QuantRecipe.preset(args.recipe)
     print(f"[1/4] calibrating {args.model} for {recipe.name}: {args.calib_samples} samples x {args.steps} steps "
@@ -204,7 +268,10 @@ def cmd_demo(args) -> int:
     meta_path = meta.save(out / f"{args.model}.{recipe.name}.qdiff")
     print(f"      done in {time.perf_counter() - t0:.1f}s -> {meta_path}")
 
-    print("[2/4] compiling with torch.compile(unet, backend='qdiff')")
+    print("[2/4] compiling with torch.compile(unet, backend='qdiff'): the first call traces the U-Net, rewrites "
+          "its conv/linear layers to integer kernels and compiles the rest with Inductor"
+          + (" (and autotunes the Triton kernels)" if device.startswith("cuda") else "")
+          + "; this takes minutes once, later calls reuse the compiled code")
     from .pipeline import QuantizedUNet
 
     quant_unet = QuantizedUNet(unet, meta, backend="qdiff")   # per-step precision + PTQD corrections, if any
@@ -213,7 +280,7 @@ def cmd_demo(args) -> int:
     x = torch.randn(args.num_images, c, h, w, device=device, dtype=dtype)
     t = torch.full((args.num_images,), 500, device=device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _heartbeat("      compiling", quiet=args.quiet):
         eps_q = fast(x, t).sample
     _sync(device)
     compile_s = time.perf_counter() - t0
@@ -222,6 +289,7 @@ def cmd_demo(args) -> int:
     print(f"[3/4] sampling {args.num_images} images, {args.steps} steps, FP and {recipe.name}, same seeds")
     if meta.precision_plan or meta.noise:
         print(quant_unet.format_plan(scheduler, args.steps))
+        print("      each activation precision compiles its own variant on its first step (slow once)")
 
     def run(sample_fn):
         g = torch.Generator().manual_seed(args.seed)
@@ -269,7 +337,7 @@ def cmd_demo(args) -> int:
     if not device.startswith("cuda"):
         print("  note: on CPU the quantized layers run the pure-torch reference integer path; "
               "CPU timings say nothing about GPU speed.")
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "demo_summary.json", json.dumps(summary, indent=2))
     print(f"  grid: {grid}\n  metadata: {meta_path}\n  summary: {out / 'demo_summary.json'}")
     return 0
 
@@ -283,6 +351,20 @@ def cmd_train_reference(args) -> int:
 
 
 # ---------------------------------------------------------------------------- parsers
+def _count(minimum: int = 1):
+    """argparse type: an integer >= ``minimum`` (the message names the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -299,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="calibrate + compile + sample the embedded model; grid, report, timings")
     p.add_argument("--model", default="mnist", help="shipped reference model")
     p.add_argument("--recipe", default="w8a8", choices=RECIPES)
-    p.add_argument("--num-images", type=int, default=16)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--num-images", type=_count(), default=16)
+    p.add_argument("--steps", type=_count(), default=50)
+    p.add_argument("--calib-samples", type=_count(), default=64)
     p.add_argument("--out", default="qdcompile-demo", help="output folder")
     _common(p)
     p.set_defaults(func=cmd_demo)
@@ -310,13 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers folder, or a shipped reference name (mnist)")
     p.add_argument("--recipe", default="w8a8", choices=RECIPES)
     p.add_argument("--out", required=True, help="metadata file to write (e.g. model.w8a8.qdiff)")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50, help="sampling steps of the calibration trajectory")
-    p.add_argument("--calib-steps", type=int, default=None, help="time steps kept (uniform); default all")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-samples", type=_count(), default=64)
+    p.add_argument("--steps", type=_count(), default=50, help="sampling steps of the calibration trajectory")
+    p.add_argument("--calib-steps", type=_count(), default=None, help="time steps kept (uniform); default all")
+    p.add_argument("--batch-size", type=_count(), default=None,
+                   help="calibration batch (default: all samples at once)")
     p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
     p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: calibrate on this prompt, "
                    "encoded by the pipeline's text encoder (needs transformers)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="save progress here after every finished block; rerun the same command to resume")
     _common(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -326,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", default=None, help="calibration file to use")
     p.add_argument("--recipe", default=None, choices=RECIPES, help="calibrate with this recipe first (instead of "
                    "--metadata); mixed/ptqd print the per-step precision plan")
-    p.add_argument("--calib-samples", type=int, default=32, help="with --recipe: calibration trajectories")
+    p.add_argument("--calib-samples", type=_count(), default=32, help="with --recipe: calibration trajectories")
     p.add_argument("--save-metadata", default=None, help="with --recipe: also write the calibration file")
     p.add_argument("--snr-margin", type=float, default=None, metavar="DB",
                    help="with --recipe mixed: a step runs at the low width only if SNR_Q > SNR_F * 10^(DB/20) "
@@ -338,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply k, bias and VSC even where the calibration's correction check dropped one (it moved "
                         "its validation samples away from the float model's)")
     p.add_argument("--out", default=None, help="PNG grid to write")
-    p.add_argument("--num-images", type=int, default=16)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--num-images", type=_count(), default=16)
+    p.add_argument("--steps", type=_count(), default=50)
     p.add_argument("--compare-fp", action="store_true", help="also sample the float model with the same seeds")
     p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
     p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: run the diffusers pipeline "
@@ -352,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-reference", help="re-train the embedded reference model from the shared data")
     p.add_argument("--model", default="mnist")
     p.add_argument("--out", default=None, help="output folder (default: the package's assets)")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=_count(), default=None)
     _common(p)
     p.set_defaults(func=cmd_train_reference)
 
@@ -369,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        resume = (f"; rerun the same command to resume from {args.checkpoint}"
+                  if getattr(args, "checkpoint", None) else "")
+        print(f"\nqdcompile {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError, TypeError) as e:
         from .metadata import MetadataError
 

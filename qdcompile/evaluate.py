@@ -54,6 +54,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -1260,16 +1262,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, data)
 
 
 def _model_tag(model: str) -> str:

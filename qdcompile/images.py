@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from .io import atomic_write
 
 
 def to_uint8_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
@@ -43,14 +44,4 @@ def save_comparison_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | o
     for b in blocks:
         out.paste(b, (0, y))
         y += b.height
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        out.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))

@@ -10,24 +10,39 @@ folder, then ``os.replace``): an interrupted save never leaves a half-written fi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from .io import atomic_write
+from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, weight_qrange
 from .recipe import QuantRecipe
 
 FORMAT_NAME = "qdcompile.quant_metadata"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # 2 added activation variants, PTQD noise statistics and the precision plan; 3 the space of the
 # noise statistics (a version-2 reader would apply sampler-space statistics to the U-Net output);
-# 4 the corrections the calibration's check kept (a version-3 reader would apply dropped ones)
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 4 the corrections the calibration's check kept (a version-3 reader would apply dropped ones);
+# 5 SHA-256 checksums of the header and of the tensor payload, and per layer whether it has a
+# weight digest (a version-4 reader would not notice flipped bytes or a removed digest)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+CHECKSUM_VERSION = 5
+# Weight scales outside (0, 2^100] are corrupt (the kernels' activation scale bound; a real
+# per-channel scale max|W|/qmax is far inside). The weight codes must also reproduce the float
+# weights the record was calibrated on: the dequantized weight's RMS within this factor of the
+# digest's RMS (rounding and MSE clipping move it by < 1%: 0.996-1.001 measured on the tiny test
+# U-Nets at W8 and W4; all-zero codes of a non-zero weight, or scales off by more than 2x, are
+# corrupt). All-zero codes of an all-zero weight (a zero-initialised layer) are valid: unusual,
+# not wrong.
+MAX_WEIGHT_SCALE = 2.0 ** 100
+WEIGHT_RMS_TOLERANCE = 2.0
 NOISE_SPACES = ("output", "sampler")
 CORRECTION_KEYS = ("correlated", "bias", "variance")
 
@@ -158,8 +173,11 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     """Class name, config (private ``_`` keys dropped) and a hash of both."""
     cfg = _jsonable(_config_of(model))
     cls = type(model).__name__
-    digest = hashlib.sha256(json.dumps({"class": cls, "config": cfg}, sort_keys=True).encode()).hexdigest()[:16]
-    return {"class": cls, "config": cfg, "config_hash": digest}
+    return {"class": cls, "config": cfg, "config_hash": _identity(cls, cfg)}
+
+
+def _identity(cls: str, config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"class": cls, "config": config}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -236,12 +254,12 @@ class QuantMetadata:
 
     # ------------------------------------------------------------------ file I/O
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically to ``path`` (conventionally ``<model>.<recipe>.qdiff``)."""
+        """Write atomically to ``path`` (conventionally ``<model>.<recipe>.qdiff``), with the
+        checksums of the header and of the tensor payload (format 5)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
         header: dict[str, Any] = {
-            "format": FORMAT_NAME, "format_version": self.format_version,
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "qdcompile_version": _package_version(),
             "recipe": self.recipe.to_dict(), "model": self.model, "fallbacks": self.fallbacks,
             "calibration": _jsonable(self.calibration), "layers": {},
@@ -252,7 +270,7 @@ class QuantMetadata:
             entry = {"op": rec.op, "weight_bits": rec.weight_bits, "act_bits": rec.act_bits,
                      "act_scale": rec.act_scale, "act_zero_point": rec.act_zero_point,
                      "act_range": list(rec.act_range) if rec.act_range is not None else None,
-                     "split": None}
+                     "split": None, "weight_digest": rec.weight_digest is not None}
             tensors[f"{name}.weight_q"] = rec.weight_q.detach().cpu().contiguous()
             tensors[f"{name}.weight_scale"] = rec.weight_scale.detach().float().cpu().contiguous()
             if rec.weight_digest is not None:
@@ -272,30 +290,25 @@ class QuantMetadata:
         header["noise_space"] = self.noise_space
         header["corrections"] = self.corrections
         header["precision_plan"] = [list(e) for e in self.precision_plan]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": FORMAT_NAME, "format_version": str(self.format_version),
-                                              "header": json.dumps(header, sort_keys=True)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        text = json.dumps(header, sort_keys=True)
+        file_meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "header": text,
+                     "header_sha256": _sha256(text.encode()), "payload_sha256": payload_sha256(tensors)}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=file_meta), fsync=True)
 
     # ------------------------------------------------------------------ checks against a model
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise :class:`MetadataError` naming what does not match ``model``."""
+        """Raise :class:`MetadataError` naming what does not match ``model`` (or what is malformed
+        in the records themselves)."""
         from .layers import quantizable_layers
 
+        for name, rec in self.layers.items():
+            validate_layer(name, rec)
         ident = model_identity(model)
-        if ident["class"] != self.model.get("class") or ident["config_hash"] != self.model.get("config_hash"):
-            diff = _config_diff(self.model.get("config", {}), ident["config"])
+        stored = self.model if isinstance(self.model, dict) else {}
+        if ident["class"] != stored.get("class") or ident["config"] != stored.get("config"):
+            diff = _config_diff(stored.get("config") if isinstance(stored.get("config"), dict) else {}, ident["config"])
             raise MetadataError(
-                f"metadata was calibrated for a {self.model.get('class')} (config {self.model.get('config_hash')}), "
+                f"metadata was calibrated for a {stored.get('class')} (config {stored.get('config_hash')}), "
                 f"but this model is a {ident['class']} (config {ident['config_hash']})"
                 + (f"; differing config keys: {diff}" if diff else ""))
         found = quantizable_layers(model)
@@ -335,13 +348,35 @@ def _package_version() -> str:
         return "unknown"
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (format 5's
+    ``payload_sha256``: any flipped, lost or added byte of the tensors changes it)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def load_metadata(path: str | os.PathLike) -> QuantMetadata:
-    """Read a ``.qdiff`` file written by :meth:`QuantMetadata.save`, with clear errors."""
+    """Read a ``.qdiff`` file written by :meth:`QuantMetadata.save`.
+
+    Every problem is a :class:`MetadataError` naming the file, the layer or field and what was
+    expected: unreadable or foreign files, other versions, checksums (format 5) that do not
+    match the header or the tensors, and any field of the wrong type, shape, dtype or range.
+    """
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"metadata file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise MetadataError(f"metadata file {str(path)!r} is a folder, not a file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -351,83 +386,297 @@ def load_metadata(path: str | os.PathLike) -> QuantMetadata:
     if meta.get("format") != FORMAT_NAME:
         raise MetadataError(f"{str(path)!r} is not a qdcompile metadata file (header format {meta.get('format')!r}, "
                             f"expected {FORMAT_NAME!r})")
-    try:
-        version = int(meta.get("format_version", "-1"))
-    except ValueError:
-        version = -1
+    raw_version = meta.get("format_version", "-1")
+    version = int(raw_version) if raw_version.isdigit() and len(raw_version) < 6 else -1
     if version not in READABLE_VERSIONS:
         hint = "upgrade qdcompile" if version > FORMAT_VERSION else "re-run `qdcompile calibrate` to write a current file"
-        raise MetadataError(f"{str(path)!r} has metadata format version {meta.get('format_version')!r}; this qdcompile "
+        raise MetadataError(f"{str(path)!r} has metadata format version {raw_version!r}; this qdcompile "
                             f"reads versions {', '.join(map(str, READABLE_VERSIONS))} ({hint})")
+    if version >= CHECKSUM_VERSION:
+        if "header_sha256" not in meta or "payload_sha256" not in meta or "header" not in meta:
+            raise MetadataError(f"{str(path)!r}: format {version} file without its header or checksums "
+                                "(header, header_sha256, payload_sha256): corrupt or edited")
+        if _sha256(meta["header"].encode()) != meta["header_sha256"]:
+            raise MetadataError(f"{str(path)!r}: the metadata header does not match its checksum: the file was "
+                                "edited or is corrupt; re-run `qdcompile calibrate`")
+        if payload_sha256(tensors) != meta["payload_sha256"]:
+            raise MetadataError(f"{str(path)!r}: the tensor payload does not match its checksum (flipped, lost or "
+                                "added bytes): the file is corrupt; re-run `qdcompile calibrate`")
     try:
         header = json.loads(meta["header"])
-        recipe = QuantRecipe.from_dict(header["recipe"])
-        order = header.get("layer_order") or list(header["layers"])
-        if sorted(order) != sorted(header["layers"]):
-            raise MetadataError(f"{str(path)!r}: corrupt metadata header (layer_order does not list the layers)")
-        layers = {name: _layer_from(name, header["layers"][name], tensors) for name in order}
-        from .ptqd import StepNoise
-
-        variants = {int(b): {n: [ActQuant.from_dict(a) for a in acts] for n, acts in v.items()}
-                    for b, v in header.get("act_variants", {}).items()}
-        result = QuantMetadata(recipe=recipe, model=header["model"], layers=layers,
-                               fallbacks=dict(header.get("fallbacks", {})),
-                               calibration=dict(header.get("calibration", {})), format_version=version,
-                               act_variants=variants,
-                               noise={int(b): [StepNoise.from_dict(d) for d in steps]
-                                      for b, steps in header.get("noise", {}).items()},
-                               noise_layer=header.get("noise_layer"),
-                               noise_space=header.get("noise_space") or ("output" if header.get("noise") else None),
-                               corrections=header.get("corrections"),
-                               precision_plan=[(int(t), int(b)) for t, b in header.get("precision_plan", [])])
-        validate_variants(result)
-        return result
-    except MetadataError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
+        return _from_header(header, tensors, version)
+    except MetadataError as e:
+        raise MetadataError(f"{str(path)!r}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
         raise MetadataError(f"{str(path)!r}: corrupt metadata header ({type(e).__name__}: {e})") from e
 
 
-def _layer_from(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerQuant:
+# ---------------------------------------------------------------------------- typed fields
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite JSON number that reads as a float exactly (integers beyond 2^53 do not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) <= 2 ** 53 if isinstance(v, int) else math.isfinite(v)
+
+
+def _int(v: Any, where: str, lo: int | None = None, hi: int | None = None,
+         choices: tuple[int, ...] | None = None) -> int:
+    if not _is_int(v):
+        raise MetadataError(f"{where} must be an integer, got {v!r}")
+    if choices is not None and v not in choices:
+        raise MetadataError(f"{where} {v} not in {choices}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise MetadataError(f"{where} {v} outside [{lo}, {'...' if hi is None else hi}]")
+    return v
+
+
+def _number(v: Any, where: str, lo: float | None = None, hi: float | None = None, what: str = "") -> float:
+    if not _is_number(v):
+        raise MetadataError(f"{where} must be a finite number{what}, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise MetadataError(f"{where} must lie in [{lo}, {'inf' if hi is None else hi}]{what}, got {v!r}")
+    return float(v)
+
+
+def _dict(v: Any, where: str) -> dict:
+    if not isinstance(v, dict):
+        raise MetadataError(f"{where} must be an object, got {type(v).__name__}")
+    return v
+
+
+def _list(v: Any, where: str) -> list:
+    if not isinstance(v, list):
+        raise MetadataError(f"{where} must be a list, got {type(v).__name__}")
+    return v
+
+
+def _fields(d: Any, where: str, required: tuple[str, ...]) -> dict:
+    _dict(d, where)
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise MetadataError(f"{where}: missing field(s) {missing}")
+    return d
+
+
+def _act_range(v: Any, where: str) -> tuple[float, float] | None:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_number(x) for x in v) or v[0] > v[1]:
+        raise MetadataError(f"{where}: act_range must be null or [min, max], two finite numbers, got {v!r}")
+    return float(v[0]), float(v[1])
+
+
+def _act_quant(d: Any, where: str, with_range: bool = True, strict: bool = False) -> ActQuant:
+    """A strictly typed activation quantizer (``act_bits``, ``act_scale``, ``act_zero_point``;
+    ``strict``: also ``act_range``, which format 5 always writes)."""
+    _fields(d, where, ("act_bits", "act_scale", "act_zero_point") + (("act_range",) if strict else ()))
+    bits = _int(d["act_bits"], f"{where}: act_bits", choices=SUPPORTED_BITS)
+    scale = _number(d["act_scale"], f"{where}: act_scale", MIN_ACT_SCALE, MAX_ACT_SCALE, " (2^-100 .. 2^100)")
+    zp = _int(d["act_zero_point"], f"{where}: act_zero_point", 0, (1 << bits) - 1)
+    if not with_range and d.get("act_range") is not None:
+        raise MetadataError(f"{where}: act_range must be null here (split parts keep no range), got {d['act_range']!r}")
+    return ActQuant(bits, scale, zp, _act_range(d.get("act_range"), where) if with_range else None)
+
+
+_RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inputs", "noise_space")
+_RECIPE_LISTS = {"keep_8bit": str, "skip": str, "recon_units": str, "adaround_beta": float, "act_bits_mixed": int}
+
+
+def _recipe(d: Any, strict: bool = False) -> QuantRecipe:
+    """The recipe of a header, every field of its documented type (no silent conversions);
+    ``strict`` (format 5, which writes them all): every field present, none defaulted."""
+    _fields(d, "recipe", tuple(f.name for f in dataclasses.fields(QuantRecipe)) if strict else ())
+    for key, v in d.items():
+        default = {f.name: f.default for f in dataclasses.fields(QuantRecipe)}.get(key)
+        where = f"recipe field {key!r}"
+        if key in _RECIPE_LISTS:
+            kind = _RECIPE_LISTS[key]
+            ok = isinstance(v, list) and all(_is_number(x) if kind is float else _is_int(x) if kind is int
+                                             else isinstance(x, str) for x in v)
+            if not ok:
+                raise MetadataError(f"{where} must be a list of {kind.__name__}, got {v!r}")
+        elif key in _RECIPE_TEXT:
+            if not isinstance(v, str):
+                raise MetadataError(f"{where} must be a string, got {v!r}")
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise MetadataError(f"{where} must be true or false, got {v!r}")
+        elif key == "act_bits":
+            if v is not None:
+                _int(v, where)
+        elif isinstance(default, int):
+            _int(v, where)
+        elif isinstance(default, float):
+            _number(v, where)
+    try:
+        return QuantRecipe.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise MetadataError(f"recipe: {e}") from None
+
+
+_LAYER_FIELDS = ("op", "weight_bits", "act_bits", "act_scale", "act_zero_point")
+_LAYER_FIELDS_V5 = ("act_range", "split", "weight_digest")   # format 5 writes every field
+_HEADER_FIELDS_V5 = ("fallbacks", "calibration", "layer_order", "act_variants", "noise", "noise_layer", "noise_space",
+                     "corrections", "precision_plan")
+
+
+def _layer_from(name: str, entry: Any, tensors: dict[str, torch.Tensor], version: int) -> LayerQuant:
+    where = f"layer {name!r}"
+    _fields(entry, where, _LAYER_FIELDS + (_LAYER_FIELDS_V5 if version >= CHECKSUM_VERSION else ()))
+
     def tensor(key: str) -> torch.Tensor:
         if key not in tensors:
-            raise MetadataError(f"layer {name!r}: tensor {key!r} is missing from the metadata file")
+            raise MetadataError(f"{where}: tensor {key!r} is missing from the metadata file")
         return tensors[key]
 
-    split = None
-    if entry.get("split"):
-        split = [SplitPart(channels=int(p["channels"]), act_bits=int(p["act_bits"]), act_scale=float(p["act_scale"]),
-                           act_zero_point=int(p["act_zero_point"]),
-                           weight_q=tensor(f"{name}.split.{i}.weight_q"),
-                           weight_scale=tensor(f"{name}.split.{i}.weight_scale"))
-                 for i, p in enumerate(entry["split"])]
-    rec = LayerQuant(op=entry["op"], weight_bits=int(entry["weight_bits"]),
-                     act_bits=None if entry["act_bits"] is None else int(entry["act_bits"]),
+    if entry["op"] not in ("conv2d", "linear"):
+        raise MetadataError(f"{where}: op must be 'conv2d' or 'linear', got {entry['op']!r}")
+    weight_bits = _int(entry["weight_bits"], f"{where}: weight_bits", choices=SUPPORTED_BITS)
+    act_range = _act_range(entry.get("act_range"), where)
+    act_bits = act_scale = act_zp = split = None
+    if entry.get("split") is not None:
+        parts = _list(entry["split"], f"{where}: split")
+        if len(parts) != 2:
+            raise MetadataError(f"{where}: split must list 2 parts (the kernels' split form), got {len(parts)}")
+        if any(entry.get(k) is not None for k in ("act_bits", "act_scale", "act_zero_point", "act_range")):
+            raise MetadataError(f"{where}: a split layer keeps its activation quantizers in its parts; "
+                                "act_bits/act_scale/act_zero_point/act_range must be null")
+        split = []
+        for i, p in enumerate(parts):
+            aq = _act_quant(_fields(p, f"{where} split part {i}", ("channels",)), f"{where} split part {i}",
+                            with_range=False)
+            split.append(SplitPart(channels=_int(p["channels"], f"{where} split part {i}: channels", 1),
+                                   act_bits=aq.act_bits, act_scale=aq.act_scale, act_zero_point=aq.act_zero_point,
+                                   weight_q=tensor(f"{name}.split.{i}.weight_q"),
+                                   weight_scale=tensor(f"{name}.split.{i}.weight_scale")))
+    elif entry["act_bits"] is not None:
+        aq = _act_quant(entry, where)
+        act_bits, act_scale, act_zp = aq.act_bits, aq.act_scale, aq.act_zero_point
+    elif entry["act_scale"] is not None or entry["act_zero_point"] is not None or act_range is not None:
+        raise MetadataError(f"{where}: a weight-only layer (act_bits null) has no act_scale, act_zero_point "
+                            "or act_range")
+    key = f"{name}.weight_digest"
+    if version >= CHECKSUM_VERSION:
+        has = entry.get("weight_digest")
+        if not isinstance(has, bool):
+            raise MetadataError(f"{where}: weight_digest must be true or false, got {has!r}")
+        if has != (key in tensors):
+            raise MetadataError(f"{where}: the header {'lists' if has else 'does not list'} a weight digest, but the "
+                                f"file {'lacks' if has else 'has'} tensor {key!r}")
+    rec = LayerQuant(op=entry["op"], weight_bits=weight_bits, act_bits=act_bits,
                      weight_q=tensor(f"{name}.weight_q"), weight_scale=tensor(f"{name}.weight_scale"),
-                     act_scale=None if entry["act_scale"] is None else float(entry["act_scale"]),
-                     act_zero_point=None if entry["act_zero_point"] is None else int(entry["act_zero_point"]),
-                     act_range=tuple(entry["act_range"]) if entry.get("act_range") else None,
-                     weight_digest=tensors.get(f"{name}.weight_digest"), split=split)
+                     act_scale=act_scale, act_zero_point=act_zp, act_range=act_range if split is None else None,
+                     weight_digest=tensors.get(key), split=split)
     validate_layer(name, rec)
     return rec
+
+
+def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) -> QuantMetadata:
+    from .ptqd import StepNoise
+
+    _fields(header, "metadata header", ("recipe", "model", "layers")
+            + (_HEADER_FIELDS_V5 if version >= CHECKSUM_VERSION else ()))
+    strict = version >= CHECKSUM_VERSION
+    recipe = _recipe(header["recipe"], strict)
+    model = _fields(header["model"], "model", ("class", "config", "config_hash"))
+    if not isinstance(model["class"], str) or not isinstance(model["config"], dict) \
+            or not isinstance(model["config_hash"], str):
+        raise MetadataError("model must have a class name, a config object and a config_hash string")
+    if version >= CHECKSUM_VERSION:
+        ident = _identity(model["class"], model["config"])
+        if ident != model["config_hash"]:
+            raise MetadataError(f"model config_hash {model['config_hash']!r} does not match the stored config "
+                                f"(hash {ident!r}): the model config was edited")
+    layers_d = _dict(header["layers"], "layers")
+    order = header.get("layer_order") or list(layers_d)
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order) or len(set(order)) != len(order) \
+            or set(order) != set(layers_d):
+        raise MetadataError("corrupt metadata header (layer_order does not list the layers, each once)")
+    layers = {name: _layer_from(name, layers_d[name], tensors, version) for name in order}
+    fallbacks = _dict(header.get("fallbacks", {}), "fallbacks")
+    if not all(isinstance(v, str) for v in fallbacks.values()) or set(fallbacks) & set(layers):
+        raise MetadataError("fallbacks must map layers without a record to the reason (text) they stay float")
+    variants: dict[int, dict[str, list[ActQuant]]] = {}
+    for b, v in _dict(header.get("act_variants", {}), "act_variants").items():
+        bits = _int(int(b) if b.isdigit() and len(b) < 4 else b, "act_variants key", choices=SUPPORTED_BITS)
+        variants[bits] = {n: [_act_quant(a, f"activation variant A{bits} of layer {n!r}",
+                                         with_range=not (n in layers and layers[n].split), strict=strict)
+                              for a in _list(acts, f"activation variant A{bits} of layer {n!r}")]
+                          for n, acts in _dict(v, f"act_variants[{b!r}]").items()}
+    noise: dict[int, list[Any]] = {}
+    for b, steps in _dict(header.get("noise", {}), "noise").items():
+        bits = _int(int(b) if b.isdigit() and len(b) < 4 else b, "noise key", choices=SUPPORTED_BITS)
+        noise[bits] = [StepNoise.from_dict(_step_noise(d, f"PTQD statistics A{bits} step {i}", strict))
+                       for i, d in enumerate(_list(steps, f"noise[{b!r}]"))]
+    plan = []
+    for i, e in enumerate(_list(header.get("precision_plan", []), "precision_plan")):
+        if not isinstance(e, list) or len(e) != 2:
+            raise MetadataError(f"precision_plan entry {i} must be [timestep, act bits], got {e!r}")
+        t, bits = _int(e[0], f"precision_plan entry {i}: timestep", 0), _int(e[1], f"precision_plan entry {i}: act bits")
+        if bits not in SUPPORTED_BITS:
+            raise MetadataError(f"precision plan uses A{bits} at time step {t}; supported: "
+                                f"{', '.join('A%d' % b for b in SUPPORTED_BITS)}")
+        plan.append((t, bits))
+    space = header.get("noise_space")
+    if space is None and not strict:   # before format 3 the statistics were the U-Net output's
+        space = "output" if header.get("noise") else None
+    if space is not None and space not in NOISE_SPACES:
+        raise MetadataError(f"noise_space: PTQD statistics in space {space!r}; expected one of {NOISE_SPACES} or null")
+    noise_layer = header.get("noise_layer")
+    if noise_layer is not None and not isinstance(noise_layer, str):
+        raise MetadataError(f"noise_layer must be a layer name or null, got {noise_layer!r}")
+    result = QuantMetadata(recipe=recipe, model=model, layers=layers, fallbacks=dict(fallbacks),
+                           calibration=dict(_dict(header.get("calibration", {}), "calibration")),
+                           format_version=version, act_variants=variants, noise=noise, noise_layer=noise_layer,
+                           noise_space=space, corrections=header.get("corrections"), precision_plan=plan)
+    validate_variants(result)
+    validate_recipe(result)
+    return result
+
+
+def _step_noise(d: Any, where: str, strict: bool = False) -> dict[str, Any]:
+    """One step's PTQD statistics, typed: time step, k >= 0, mu, var >= 0, SNRs >= 0 (or "inf")."""
+    _fields(d, where, ("timestep", "k", "mu", "var", "snr_q", "snr_q_corrected") + (("samples",) if strict else ()))
+    _int(d["timestep"], f"{where}: timestep", 0)
+    _number(d["k"], f"{where}: k", 0.0, what=" (the correlation coefficient, >= 0)")
+    _number(d["var"], f"{where}: var", 0.0, what=" (a variance, >= 0)")
+    mu = _list(d["mu"], f"{where}: mu")
+    if not mu or not all(_is_number(v) for v in mu):
+        raise MetadataError(f"{where}: mu must list one finite number per output channel, got {mu!r}")
+    for key in ("snr_q", "snr_q_corrected"):
+        if d[key] != "inf":
+            _number(d[key], f"{where}: {key}", 0.0, what=' (or "inf")')
+    if "samples" in d:
+        _int(d["samples"], f"{where}: samples", 0)
+    return d
 
 
 def validate_variants(meta: QuantMetadata) -> None:
     """Check the activation variants, noise statistics and plan against the layers."""
     for bits, variant in meta.act_variants.items():
+        if bits == meta.default_act_bits:
+            raise MetadataError(f"activation variant A{bits} is the records' own precision")
         for name, acts in variant.items():
             if name not in meta.layers:
                 raise MetadataError(f"activation variant A{bits} has a quantizer for layer {name!r}, which has no record")
-            validate_layer(f"{name} (A{bits})", meta.layers[name].with_act(acts))
+            if any(a.act_bits != bits for a in acts):
+                raise MetadataError(f"activation variant A{bits} of layer {name!r} has act_bits "
+                                    f"{[a.act_bits for a in acts]}, expected {bits}")
+            validate_layer(f"{name} (A{bits})", meta.layers[name].with_act(acts), weights=False)
     known = set(meta.precisions)
+    times = [t for t, _ in meta.precision_plan]
+    if len(set(times)) != len(times):
+        raise MetadataError("precision plan lists a time step more than once")
     for t, bits in meta.precision_plan:
         if bits not in known:
             raise MetadataError(f"precision plan uses A{bits} at time step {t}; the metadata has "
                                 f"{['A%d' % b for b in sorted(known)]}")
-    if meta.noise and meta.noise_layer not in meta.layers:
-        raise MetadataError(f"PTQD statistics name layer {meta.noise_layer!r} for the correction; it has no record")
-    if meta.noise and meta.noise_space not in NOISE_SPACES:
-        raise MetadataError(f"PTQD statistics are in space {meta.noise_space!r}; expected one of {NOISE_SPACES}")
+    if meta.noise:
+        _validate_noise(meta)
     c = meta.corrections
     if c is not None and (not isinstance(c, dict) or sorted(c) != sorted(CORRECTION_KEYS)
                           or not all(isinstance(v, bool) for v in c.values())):
@@ -436,38 +685,167 @@ def validate_variants(meta: QuantMetadata) -> None:
         raise MetadataError(f"the default PTQD corrections {c!r} need noise statistics; this metadata has none")
 
 
-def validate_layer(name: str, rec: LayerQuant) -> None:
-    """Check one record's internal consistency (dtypes, shapes, code ranges)."""
-    from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, weight_qrange
-
-    if rec.weight_bits not in SUPPORTED_BITS:
-        raise MetadataError(f"layer {name!r}: weight_bits {rec.weight_bits} not in {SUPPORTED_BITS}")
-    if rec.weight_q.dtype != torch.int8:
-        raise MetadataError(f"layer {name!r}: weight_q must be int8 codes, got {rec.weight_q.dtype}")
-    qmin, qmax = weight_qrange(rec.weight_bits)
-    if rec.weight_q.numel() and (int(rec.weight_q.min()) < qmin or int(rec.weight_q.max()) > qmax):
-        raise MetadataError(f"layer {name!r}: weight codes outside the {rec.weight_bits}-bit range [{qmin}, {qmax}]")
-    n = rec.weight_q.shape[0]
+def _validate_noise(meta: QuantMetadata) -> None:
+    """PTQD statistics: for the records' precisions, on a non-split corrected layer, mu with one value
+    per predicted-noise channel, time steps distinct and inside the schedule, every planned precision."""
+    rec = meta.layers.get(meta.noise_layer) if isinstance(meta.noise_layer, str) else None
+    if rec is None:
+        raise MetadataError(f"PTQD statistics name layer {meta.noise_layer!r} for the correction; it has no record")
     if rec.split:
-        if sum(p.channels for p in rec.split) != rec.weight_q.shape[1]:
-            raise MetadataError(f"layer {name!r}: split part channels {[p.channels for p in rec.split]} do not add up "
-                                f"to the weight's {rec.weight_q.shape[1]} input channels")
-        parts = [(f"split part {i}", p.act_bits, p.act_scale, p.act_zero_point, p.weight_scale) for i, p in enumerate(rec.split)]
-        if tuple(rec.weight_scale.shape) != (len(rec.split), n):
-            raise MetadataError(f"layer {name!r}: split weight_scale shape {list(rec.weight_scale.shape)}, expected the "
+        raise MetadataError(f"PTQD statistics correct layer {meta.noise_layer!r}, a split layer (no fused correction)")
+    if meta.noise_space not in NOISE_SPACES:
+        raise MetadataError(f"PTQD statistics are in space {meta.noise_space!r}; expected one of {NOISE_SPACES}")
+    outputs = rec.weight_q.shape[0]
+    channels = _eps_channels(meta.model.get("config", {}), outputs)
+    steps_total = meta.calibration.get("num_train_timesteps")
+    for bits, steps in meta.noise.items():
+        if bits not in meta.precisions:
+            raise MetadataError(f"PTQD statistics for A{bits}, a precision this metadata has no quantizers for "
+                                f"({['A%d' % b for b in meta.precisions]})")
+        if not steps:
+            raise MetadataError(f"PTQD statistics for A{bits} list no time step")
+        times = [s.timestep for s in steps]
+        if len(set(times)) != len(times):
+            raise MetadataError(f"PTQD statistics for A{bits} list a time step more than once")
+        if _is_int(steps_total) and max(times) >= steps_total:
+            raise MetadataError(f"PTQD statistics for A{bits} at time step {max(times)}, outside the schedule's "
+                                f"[0, {steps_total - 1}]")
+        plan_times = {t for t, _ in meta.precision_plan}
+        if plan_times and not set(times) <= plan_times:
+            raise MetadataError(f"PTQD statistics for A{bits} at time steps {sorted(set(times) - plan_times)}, which "
+                                "the precision plan (the calibrated schedule) does not have")
+        for i, s in enumerate(steps):
+            _step_noise(s.to_dict(), f"PTQD statistics A{bits} step {i}")   # also in-memory statistics
+            if len(s.mu) != channels:
+                raise MetadataError(f"PTQD statistics A{bits} at time step {s.timestep}: mu has {len(s.mu)} values, "
+                                    f"expected one per predicted-noise channel of {meta.noise_layer!r} ({channels})")
+    if meta.default_act_bits not in meta.noise and not meta.precision_plan:
+        raise MetadataError(f"PTQD statistics lack the records' own precision A{meta.default_act_bits}")
+    missing = sorted({b for _, b in meta.precision_plan} - set(meta.noise))
+    if missing:
+        raise MetadataError(f"the precision plan uses {['A%d' % b for b in missing]}, which have no PTQD statistics")
+
+
+def _eps_channels(config: dict[str, Any], outputs: int) -> int:
+    """Channels of the predicted noise: the config's (the first half when the U-Net also predicts a
+    variance, see :func:`qdcompile.ptqd.eps_channels`), else all outputs of the corrected layer."""
+    from types import SimpleNamespace
+
+    from .ptqd import eps_channels
+
+    if not isinstance(config, dict) or not _is_int(config.get("in_channels")):
+        return outputs
+    out = config.get("out_channels")
+    channels = eps_channels(SimpleNamespace(config=SimpleNamespace(in_channels=config["in_channels"],
+                                                                   out_channels=out if _is_int(out) else None)))
+    if not 0 < channels <= outputs:
+        raise MetadataError(f"the model config predicts {channels} noise channels; the corrected layer has {outputs} "
+                            "outputs")
+    return channels
+
+
+def validate_recipe(meta: QuantMetadata) -> None:
+    """Each record's bit widths are what the recipe gives its layer (``keep_8bit`` layers at 8)."""
+    from .calibration import layer_bits
+
+    recipe = meta.recipe
+    for name, rec in meta.layers.items():
+        wbits, abits = layer_bits(name, recipe)
+        acts = {a.act_bits for a in rec.act_quants()}
+        if rec.weight_bits != wbits or acts != ({abits} if abits is not None else set()):
+            raise MetadataError(f"layer {name!r} is {rec.bits_label()}, but the recipe {recipe.name!r} gives it "
+                                f"W{wbits}A{abits if abits is not None else 'float'}")
+    extra = sorted(set(meta.act_variants) - set(recipe.act_bits_mixed))
+    if extra:
+        raise MetadataError(f"activation variants {['A%d' % b for b in extra]} are not among the recipe's mixed "
+                            f"precisions {list(recipe.act_bits_mixed)}")
+    for bits, variant in meta.act_variants.items():
+        pinned = sorted(n for n in variant if layer_bits(n, recipe)[1] != recipe.act_bits)
+        if pinned:
+            raise MetadataError(f"activation variant A{bits} has quantizers for {pinned[:3]}, which the recipe keeps "
+                                "at 8 bits")
+
+
+def validate_layer(name: str, rec: LayerQuant, weights: bool = True) -> None:
+    """Check one record's internal consistency: types, dtypes, shapes, finiteness and ranges of every
+    field, split parts against the layer's tensors and (``weights``) the codes against the digest."""
+    where = f"layer {name!r}"
+    _int(rec.weight_bits, f"{where}: weight_bits", choices=SUPPORTED_BITS)
+    for key in ("weight_q", "weight_scale"):
+        if not isinstance(getattr(rec, key), torch.Tensor):
+            raise MetadataError(f"{where}: {key} must be a tensor, got {type(getattr(rec, key)).__name__}")
+    q, scale = rec.weight_q, rec.weight_scale
+    if q.dtype != torch.int8:
+        raise MetadataError(f"{where}: weight_q must be int8 codes, got {q.dtype}")
+    dims = 4 if rec.op == "conv2d" else 2
+    if q.dim() != dims or 0 in q.shape:
+        raise MetadataError(f"{where}: weight_q of a {rec.op} must have {dims} non-empty dimensions, got "
+                            f"shape {list(q.shape)}")
+    qmin, qmax = weight_qrange(rec.weight_bits)
+    if weights and (int(q.min()) < qmin or int(q.max()) > qmax):
+        raise MetadataError(f"{where}: weight codes outside the {rec.weight_bits}-bit range [{qmin}, {qmax}]")
+    n = q.shape[0]
+    if rec.split:
+        if len(rec.split) != 2:
+            raise MetadataError(f"{where}: split must have 2 parts, got {len(rec.split)}")
+        if sum(p.channels for p in rec.split) != q.shape[1]:
+            raise MetadataError(f"{where}: split part channels {[p.channels for p in rec.split]} do not add up "
+                                f"to the weight's {q.shape[1]} input channels")
+        if tuple(scale.shape) != (len(rec.split), n):
+            raise MetadataError(f"{where}: split weight_scale shape {list(scale.shape)}, expected the "
                                 f"parts' scales stacked, [{len(rec.split)}, {n}]")
+        if rec.act_bits is not None or rec.act_scale is not None or rec.act_zero_point is not None:
+            raise MetadataError(f"{where}: a split layer's activation quantizers are its parts' (top-level act_* null)")
+        parts = [(f"split part {i}", p.act_bits, p.act_scale, p.act_zero_point) for i, p in enumerate(rec.split)]
+        start = 0
+        for i, p in enumerate(rec.split):
+            if not isinstance(p.weight_q, torch.Tensor) or not isinstance(p.weight_scale, torch.Tensor) \
+                    or p.weight_q.dtype != torch.int8 or p.weight_scale.dtype != torch.float32 \
+                    or tuple(p.weight_scale.shape) != (n,) \
+                    or tuple(p.weight_q.shape) != (n, p.channels, *q.shape[2:]):
+                raise MetadataError(f"{where} split part {i}: weight_q must be int8 [{n}, {p.channels}, ...] and "
+                                    f"weight_scale float32 [{n}]")
+            if weights and (not torch.equal(p.weight_q, q[:, start:start + p.channels])
+                            or not torch.equal(p.weight_scale, scale[i])):
+                raise MetadataError(f"{where} split part {i}: its weight codes or scales differ from the layer's "
+                                    "(weight_q / weight_scale): corrupt file")
+            start += p.channels
     else:
-        if tuple(rec.weight_scale.shape) != (n,):
-            raise MetadataError(f"layer {name!r}: weight_scale shape {list(rec.weight_scale.shape)}, expected [{n}]")
-        parts = [] if rec.act_bits is None else [("input", rec.act_bits, rec.act_scale, rec.act_zero_point, rec.weight_scale)]
-    for what, bits, scale, zp, wscale in parts:
-        if bits not in SUPPORTED_BITS:
-            raise MetadataError(f"layer {name!r} {what}: act_bits {bits} not in {SUPPORTED_BITS}")
-        if scale is None or not MIN_ACT_SCALE <= scale <= MAX_ACT_SCALE:
-            raise MetadataError(f"layer {name!r} {what}: act_scale must lie in [2^-100, 2^100], got {scale}")
-        if zp is None or not 0 <= zp <= (1 << bits) - 1:
-            raise MetadataError(f"layer {name!r} {what}: act_zero_point {zp} outside [0, {(1 << bits) - 1}]")
-        if tuple(wscale.shape) != (n,):
-            raise MetadataError(f"layer {name!r} {what}: weight_scale shape {list(wscale.shape)}, expected [{n}]")
-    if not bool(torch.all(rec.weight_scale > 0)):
-        raise MetadataError(f"layer {name!r}: weight scales must be positive")
+        if tuple(scale.shape) != (n,):
+            raise MetadataError(f"{where}: weight_scale shape {list(scale.shape)}, expected [{n}]")
+        if rec.act_bits is None:
+            if rec.act_scale is not None or rec.act_zero_point is not None:
+                raise MetadataError(f"{where}: a weight-only layer (act_bits None) has no act_scale/act_zero_point")
+            parts = []
+        else:
+            parts = [("input", rec.act_bits, rec.act_scale, rec.act_zero_point)]
+    for what, bits, a_scale, zp in parts:
+        _int(bits, f"{where} {what}: act_bits", choices=SUPPORTED_BITS)
+        _number(a_scale, f"{where} {what}: act_scale", MIN_ACT_SCALE, MAX_ACT_SCALE, " (2^-100 .. 2^100)")
+        _int(zp, f"{where} {what}: act_zero_point", 0, (1 << bits) - 1)
+    if scale.dtype != torch.float32:
+        raise MetadataError(f"{where}: weight_scale must be float32, got {scale.dtype}")
+    if weights and not bool(torch.all((scale > 0) & (scale <= MAX_WEIGHT_SCALE))):
+        raise MetadataError(f"{where}: weight scales must be finite, > 0 and <= 2^100")
+    if rec.weight_digest is not None and weights:
+        _check_digest(where, rec)
+
+
+def _check_digest(where: str, rec: LayerQuant) -> None:
+    """The digest is well formed and the codes reproduce the weights it describes (RMS within
+    :data:`WEIGHT_RMS_TOLERANCE`; all-zero codes only for a zero weight)."""
+    d = rec.weight_digest
+    if not isinstance(d, torch.Tensor) or d.dtype != torch.float32 or tuple(d.shape) != (10,) \
+            or not bool(torch.isfinite(d).all()) or float(d[0]) < 0 or float(d[1]) < 0:
+        raise MetadataError(f"{where}: weight_digest must be 10 finite float32 values (mean |W|, RMS >= 0, 8 "
+                            f"entries), got {getattr(d, 'dtype', type(d).__name__)} {list(getattr(d, 'shape', []))}")
+    scale = rec.weight_scale if not rec.split else torch.cat(
+        [p.weight_scale[:, None].expand(-1, p.channels) for p in rec.split], 1)
+    scale = scale.reshape(scale.shape[0], -1, *([1] * (rec.weight_q.dim() - 2)))
+    rms = float((rec.weight_q.float() * scale).pow(2).mean().sqrt())
+    ref = float(d[1])
+    ok = rms == 0 if ref == 0 else 1 / WEIGHT_RMS_TOLERANCE <= rms / ref <= WEIGHT_RMS_TOLERANCE
+    if not ok:
+        raise MetadataError(f"{where}: the weight codes x scales (RMS {rms:.3g}) do not reproduce the weights "
+                            f"the record was calibrated on (RMS {ref:.3g} per its weight_digest): corrupt codes "
+                            "or scales")

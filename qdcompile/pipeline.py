@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .metadata import MetadataError, QuantMetadata
+from .metadata import MetadataError, QuantMetadata, validate_variants
 from .passes import registry
 from .ptqd import VSCUnsupported, calibrated_sigma, clips_x0, effective_eps, eps_channels, scheduler_kind
 from .sampling import unwrap
@@ -88,6 +88,7 @@ class QuantizedUNet(nn.Module):
             raise ValueError(f"backend must be 'qdiff' or 'simulate', got {backend!r}")
         base = unwrap(unet)
         meta.check_model(base)
+        validate_variants(meta)   # PTQD statistics and plan (in-memory metadata is not checked by a load)
         self.meta, self.backend = meta, backend
         self.mixed = bool(meta.precision_plan) if mixed is None else mixed
         if self.mixed and not meta.precision_plan:

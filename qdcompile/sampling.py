@@ -21,8 +21,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def require_unet(model: torch.nn.Module, caller: str) -> torch.nn.Module:
+    """The diffusers U-Net behind ``model``; a clear ``TypeError`` for anything else (the sampler
+    and the calibration read its config: input channels and sample size)."""
+    base = unwrap(model)
+    cfg = getattr(base, "config", None)
+    if not isinstance(base, torch.nn.Module) or cfg is None or not hasattr(cfg, "in_channels") \
+            or not hasattr(cfg, "sample_size"):
+        raise TypeError(f"qdcompile.{caller} expects a diffusers UNet2DModel/UNet2DConditionModel (a module with a "
+                        f"config giving in_channels and sample_size), got {type(base).__name__}; for other modules "
+                        "use qdcompile.attach and call the compiled module yourself")
+    return base
+
+
 def model_sample_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    cfg = unwrap(model).config
+    cfg = require_unet(model, "sample").config
     size = cfg.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return cfg.in_channels, h, w
@@ -68,7 +81,7 @@ def sample(model: torch.nn.Module, scheduler, num_images: int = 16, num_inferenc
     """
     if num_images < 1 or num_inference_steps < 1:
         raise ValueError(f"num_images and num_inference_steps must be >= 1, got {num_images}, {num_inference_steps}")
-    base = unwrap(model)
+    base = require_unet(model, "sample")
     device = next(base.parameters()).device
     dtype = dtype or next(base.parameters()).dtype
     if to_image is None:

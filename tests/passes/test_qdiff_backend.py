@@ -36,8 +36,16 @@ def test_unet2d_fullgraph_matches_simulation(recipe):
     n_lin = sum(op == "linear" for _, op in conv_linear_layers(unet).values())
     x, t = _inputs(unet)
     fast = torch.compile(unet, backend="qdiff", fullgraph=True)
-    with torch.no_grad():
+    if recipe.weight_bits == 8:   # called as a user would, without torch.no_grad(): inference still runs
         out = fast(x, t).sample
+        assert out.requires_grad   # ... and a backward through it says why it cannot
+        with pytest.raises(RuntimeError, match="qdcompile: quantized models are inference only"):
+            out.sum().backward()
+        out = out.detach()
+    else:
+        with torch.no_grad():
+            out = fast(x, t).sample
+    with torch.no_grad():
         fp = unet(x, t).sample
     stats = last_rewrite_stats()
     assert (stats.conv2d, stats.linear, stats.split, stats.fallback) == (n_conv, n_lin, 0, {})
@@ -198,3 +206,54 @@ def test_split_concat_layers_route_to_split_kernel():
                         [p.act_zero_point for p in parts], [8, 8], mod.kernel_size, mod.stride, mod.padding,
                         bias=mod.bias)
     assert rel(ref, got) < 1e-5
+
+
+def _attached_plain_module(seed=0):
+    """A plain module (not a U-Net) with metadata attached through the public API."""
+    from qdcompile.calibration import quantize_layer
+    from qdcompile.metadata import QuantMetadata, model_identity
+
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 6 * 6, 5)).eval()
+    layers = {"0": quantize_layer(m[0], "conv2d", 8, 8, (-3.0, 3.0)), "3": quantize_layer(m[3], "linear", 8, 8, (0.0, 3.0))}
+    meta = QuantMetadata(QuantRecipe.w8a8(), model_identity(m), layers)
+    qdcompile.attach(m, meta)
+    return m, meta
+
+
+def test_plain_module_runs_without_no_grad_and_refuses_backward(monkeypatch):
+    """Not a U-Net, grad mode on (the Inductor path is covered by the U-Net test above; skipped
+    here for time): the result of the integer graph, and a clear error on backward."""
+    monkeypatch.setenv("QDCOMPILE_INDUCTOR", "0")
+    m, meta = _attached_plain_module()
+    x = torch.randn(3, 4, 6, 6)
+    out = torch.compile(m, backend="qdiff")(x)   # weights require grad, grad mode on
+    with torch.no_grad():
+        h = torch.nn.functional.conv2d(fake_quant_input(meta.layers["0"], x), dequantized_weight(meta.layers["0"]),
+                                       m[0].bias, padding=1)
+        h = torch.nn.functional.silu(h).flatten(1)
+        ref = torch.nn.functional.linear(fake_quant_input(meta.layers["3"], h), dequantized_weight(meta.layers["3"]),
+                                         m[3].bias)
+    assert rel(ref, out.detach()) < 1e-4
+    assert report(m).counts["quantized"] == 2
+    with pytest.raises(RuntimeError, match="quantized models are inference only"):
+        out.sum().backward()
+    assert m[0].weight.grad is None
+
+
+def test_report_tells_the_truth_after_a_failed_compile(monkeypatch):
+    from qdcompile.passes import backend
+
+    m, _ = _attached_plain_module(seed=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Inductor failure")
+    monkeypatch.setattr(backend, "_lower", broken)
+    with pytest.raises(Exception, match="simulated Inductor failure"):
+        with torch.no_grad():
+            torch.compile(m, backend="qdiff")(torch.randn(1, 4, 6, 6))
+    rep = report(m)
+    assert rep.counts == {"layers": 2, "quantized": 0, "pending": 0, "failed": 2, "float": 0}
+    assert all(r.kernel == "failed" and "simulated Inductor failure" in r.reason for r in rep.rows)
+    assert "2 failed to compile" in str(rep)

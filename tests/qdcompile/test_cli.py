@@ -1,5 +1,6 @@
 """The command line on diffusers folders written with save_pretrained (the real loading code)."""
 
+import os
 import re
 
 import pytest
@@ -22,11 +23,14 @@ def test_calibrate_then_sample(model_dir, tmp_path, capsys):
     assert main(["calibrate", "--model", str(model_dir), "--recipe", "w8a8", "--out", str(meta),
                  "--num-samples", "2", "--steps", "4", "--quiet"]) == 0
     assert meta.is_file() and "51 layers quantized" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert meta.stat().st_mode & 0o777 == 0o666 & ~umask   # not the temporary file's 0600
     grid = tmp_path / "grid.png"
     assert main(["sample", "--model", str(model_dir), "--metadata", str(meta), "--out", str(grid),
                  "--num-images", "2", "--steps", "3", "--compare-fp", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert grid.is_file() and grid.stat().st_size > 100
+    assert grid.is_file() and grid.stat().st_size > 100 and grid.stat().st_mode & 0o777 == 0o666 & ~umask
     assert "sample PSNR vs FP" in out and "51 conv/linear layers: 51 on integer kernels" in out
     assert re.search(r"colour shift vs FP \(mean per channel, 8-bit levels\): [+-]\d+\.\d$", out, re.M)   # 1 channel
 
@@ -138,3 +142,118 @@ def test_stable_diffusion_folder_with_a_prompt(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["sample", "--model", "mnist", "--recipe", "w8a8", "--guidance-scale", "3", "--quiet"]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- no work lost to a mistake
+def _no_calibration(monkeypatch):
+    import qdcompile
+
+    def fail(*a, **k):
+        raise AssertionError("calibration started before the arguments were checked")
+    monkeypatch.setattr(qdcompile, "calibrate", fail, raising=False)
+
+
+def test_output_paths_checked_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    _no_calibration(monkeypatch)
+    (tmp_path / "folder").mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [
+        (["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "folder")],
+         "--out '.*folder' is an existing folder; give a file name"),
+        (["calibrate", "--model", str(model_dir), "--out", str(blocker / "m.qdiff")], "is a file, not a folder"),
+        (["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "m.qdiff"), "--checkpoint",
+          str(tmp_path / "folder")], "--checkpoint .* is an existing folder"),
+        (["sample", "--model", str(model_dir), "--recipe", "w8a8", "--out", str(tmp_path / "folder")],
+         "--out .* is an existing folder"),
+        (["sample", "--model", str(model_dir), "--recipe", "w8a8", "--save-metadata", str(blocker / "x")],
+         "--save-metadata .* is a file, not a folder"),
+        (["demo", "--out", str(blocker)], "--out .*a-file' is an existing file, not a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv + ["--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["calibrate", "--out", "x.qdiff", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["calibrate", "--out", "x.qdiff", "--num-samples", "-1"], "argument --num-samples: must be >= 1, got -1"),
+    (["calibrate", "--out", "x.qdiff", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["calibrate", "--out", "x.qdiff", "--calib-steps", "x"], "argument --calib-steps: expected an integer >= 1"),
+    (["demo", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["sample", "--num-images", "0"], "argument --num-images: must be >= 1, got 0"),
+])
+def test_counts_are_checked_with_the_option_names(model_dir, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] != "demo":
+        argv = argv[:1] + ["--model", str(model_dir)] + argv[1:]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    assert e.value.code == 2 and message in out.err and out.out == ""
+    assert not list(tmp_path.iterdir())   # no empty output folder left behind (demo)
+
+
+def test_sample_says_what_to_pass(model_dir, capsys, monkeypatch):
+    _no_calibration(monkeypatch)
+    assert main(["sample", "--model", str(model_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--metadata FILE" in err and "--recipe NAME" in err and "not both" not in err
+
+
+def test_ctrl_c_is_one_line_and_a_rerun_resumes(model_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during calibrate: one line, exit code 130; with --checkpoint the same command then
+    resumes from the saved state (calibration set and ranges) and says so."""
+    import qdcompile.calibration as calibration
+
+    ckpt, out = tmp_path / "run.ckpt", tmp_path / "m.qdiff"
+    argv = ["calibrate", "--model", str(model_dir), "--out", str(out), "--num-samples", "2", "--steps", "3",
+            "--checkpoint", str(ckpt), "--quiet"]
+    real = calibration._initial_records
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(calibration, "_initial_records", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qdcompile calibrate: interrupted; rerun the same command to resume from {ckpt}"]
+    assert ckpt.is_file() and not out.exists()
+    monkeypatch.setattr(calibration, "_initial_records", real)
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"resuming calibration from {ckpt} (0 blocks done)" in stdout and out.is_file()
+    fresh = tmp_path / "fresh.qdiff"
+    assert main(["calibrate", "--model", str(model_dir), "--out", str(fresh), "--num-samples", "2", "--steps", "3",
+                 "--quiet"]) == 0
+    import qdcompile
+
+    a, b = qdcompile.load_metadata(out), qdcompile.load_metadata(fresh)
+    assert all(torch.equal(a.layers[n].weight_q, b.layers[n].weight_q) and a.layers[n].act_scale == b.layers[n].act_scale
+               for n in a.layers)   # the resumed run is the uninterrupted one
+
+
+def test_non_diffusers_modules_get_a_type_error():
+    import qdcompile
+
+    seq = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.SiLU())
+    for fn in (lambda: qdcompile.sample(seq, scheduler(), num_images=1, num_inference_steps=1, progress=False),
+               lambda: qdcompile.calibrate(seq, scheduler(), num_samples=1, num_inference_steps=1, progress=False),
+               lambda: qdcompile.sample(torch.compile(seq), scheduler(), progress=False)):
+        with pytest.raises(TypeError, match="expects a diffusers UNet2DModel/UNet2DConditionModel .* got Sequential"):
+            fn()
+
+
+def test_demo_heartbeat_shows_progress_while_compiling(capsys):
+    """The demo's compile step prints the elapsed time while it runs (quiet: nothing)."""
+    import time
+
+    from qdcompile.cli import _heartbeat
+
+    with _heartbeat("      compiling", every=0.05):
+        time.sleep(0.3)
+    beats = capsys.readouterr().out.splitlines()
+    assert len(beats) >= 3 and all(re.fullmatch(r" {6}compiling \.\.\. \d+s", b) for b in beats), beats
+    with _heartbeat("      compiling", every=0.05, quiet=True):
+        time.sleep(0.15)
+    assert capsys.readouterr().out == ""

@@ -1,14 +1,14 @@
 """Metadata file: round trip, atomic writes, and a clear error for every kind of bad input."""
 
-import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import qdcompile
 from qdcompile import MetadataError, QuantRecipe
+from metadata_files import read_parts, write_parts
 from tiny_models import scheduler, tiny_unet2d, tiny_unet2d_condition
 
 
@@ -81,23 +81,15 @@ def test_missing_and_corrupt_files(tmp_path):
         qdcompile.load_metadata(other)
 
 
-def _rewrite(path, tmp_path, header_fn=None, meta_fn=None, drop=None):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-    tensors = load_file(str(path))
-    header = json.loads(meta["header"])
+def _rewrite(path, tmp_path, header_fn=None, meta_fn=None, drop=None, reseal=True):
+    file_meta, header, tensors = read_parts(path)
     if header_fn:
         header_fn(header)
     if meta_fn:
-        meta_fn(meta)
+        meta_fn(file_meta)
     for k in drop or ():
         tensors.pop(k)
-    meta["header"] = json.dumps(header)
-    out = tmp_path / "edited.qdiff"
-    save_file(tensors, str(out), metadata=meta)
-    return out
+    return write_parts(tmp_path / "edited.qdiff", file_meta, header, tensors, reseal=reseal)
 
 
 def test_version_and_corrupt_header(calibrated, tmp_path):
@@ -107,7 +99,7 @@ def test_version_and_corrupt_header(calibrated, tmp_path):
     with pytest.raises(MetadataError, match="format version '99'.*upgrade qdcompile"):
         qdcompile.load_metadata(newer)
     broken = _rewrite(path, tmp_path, header_fn=lambda h: h.pop("recipe"))
-    with pytest.raises(MetadataError, match="corrupt metadata header"):
+    with pytest.raises(MetadataError, match=r"metadata header: missing field\(s\) \['recipe'\]"):
         qdcompile.load_metadata(broken)
     name = "down_blocks.0.resnets.0.conv1"
     missing = _rewrite(path, tmp_path, drop=[f"{name}.weight_q"])
@@ -149,3 +141,169 @@ def test_metadata_survives_dtype_cast(calibrated):
     import copy
 
     qdcompile.attach(copy.deepcopy(unet).to(torch.bfloat16), meta)
+
+
+# ---------------------------------------------------------------------------- every field checked
+SPLIT = "up_blocks.0.resnets.0.conv_shortcut"
+CONV = "down_blocks.0.resnets.0.conv1"
+
+
+def _set(path, value):
+    """A header edit: set the field at ``path`` (keys / indices) to ``value``."""
+    def edit(h):
+        obj = h
+        for k in path[:-1]:
+            obj = obj[k]
+        obj[path[-1]] = value
+    return edit
+
+
+def _tensor(key, fn):
+    def edit(tensors):
+        tensors[key] = fn(tensors[key])
+    return edit
+
+
+HEADER_CASES = [   # (file kind, header edit, the message naming the field and what was expected)
+    ("w8a8", _set(("layers", CONV), 0.5), f"layer '{CONV}' must be an object, got float"),
+    ("w8a8", _set(("layers", CONV, "act_bits"), float("inf")), f"layer '{CONV}': act_bits must be an integer, got inf"),
+    ("w8a8", _set(("layers", CONV, "act_zero_point"), 12.7), "act_zero_point must be an integer, got 12.7"),
+    ("w8a8", _set(("layers", CONV, "act_scale"), True), "act_scale must be a finite number .*got True"),
+    ("w8a8", _set(("layers", CONV, "act_scale"), 1e31), r"act_scale must lie in \[7.8.*e-31, 1.26.*e\+30\]"),
+    ("w8a8", _set(("layers", CONV, "act_range"), "inf"), r"act_range must be null or \[min, max\].*got 'inf'"),
+    ("w8a8", _set(("layers", CONV, "op"), "conv3d"), "op must be 'conv2d' or 'linear', got 'conv3d'"),
+    ("w8a8", _set(("recipe", "weight_bits"), 4), "layer 'conv_in' is W8A8, but the recipe 'w8a8' gives it "
+                                                 "W4A8"),
+    ("w8a8", _set(("recipe", "keep_8bit"), "conv_in"), "recipe field 'keep_8bit' must be a list of str"),
+    ("w8a8", lambda h: h["recipe"].pop("recon_batch_size"), r"recipe: missing field\(s\) \['recon_batch_size'\]"),
+    ("w8a8", _set(("model", "config", "sample_size"), 32), "config_hash .* does not match the stored config"),
+    ("w8a8", _set(("layers", CONV, "weight_digest"), False), "header does not list a weight digest, but the file has tensor"),
+    ("w4a8-split", _set(("layers", SPLIT, "split", 1, "act_zero_point"), -1), r"split part 1: act_zero_point -1 outside"),
+    ("w4a8-split", _set(("layers", SPLIT, "split", 0, "channels"), 31), r"split part channels \[31, 32\] do not add up"),
+    ("w4a8-split", _set(("layers", SPLIT, "split"), [{"channels": 64, "act_bits": 8, "act_scale": 0.1,
+                                                        "act_zero_point": 3}]), "split must list 2 parts"),
+    ("mixed-ptqd", _set(("noise", "8", 0, "k"), float("nan")), r"A8 step 0: k must be a finite number"),
+    ("mixed-ptqd", _set(("noise", "8", 1, "k"), -1.0), r"k must lie in \[0.0, inf\]"),
+    ("mixed-ptqd", _set(("noise", "4", 0, "var"), -1.0), r"A4 step 0: var must lie in \[0.0, inf\]"),
+    ("mixed-ptqd", _set(("noise", "8", 0, "mu"), []), "mu must list one finite number per output channel"),
+    ("mixed-ptqd", _set(("noise", "8", 0, "mu"), [0.1, 0.2]), "mu has 2 values, expected one per predicted-noise "
+                                                              "channel of 'conv_out' \\(1\\)"),
+    ("mixed-ptqd", _set(("noise", "8", 0, "timestep"), 5000), r"time step 5000, outside the schedule's \[0, 999\]"),
+    ("mixed-ptqd", lambda h: h["noise"].pop("4"), r"the precision plan uses \['A4'\], which have no PTQD statistics"),
+    ("mixed-ptqd", _set(("precision_plan", 0, 1), 6), "precision plan uses A6 at time step 666; supported: A4, A8"),
+    ("mixed-ptqd", _set(("act_variants", "4", CONV, 0, "act_bits"), 8), "activation variant A4 .* act_bits 8 not|"
+                                                                         "act_bits \\[8\\], expected 4"),
+    ("mixed-ptqd", _set(("noise_layer",), SPLIT), f"PTQD statistics correct layer '{SPLIT}', a split layer"),
+    ("mixed-ptqd", _set(("noise_space",), {}), r"noise_space: PTQD statistics in space \{\}"),
+    ("mixed-ptqd", _set(("act_variants", "4", SPLIT, 1, "act_range"), [0, 1]), "act_range must be null here"),
+]
+
+
+@pytest.mark.parametrize("kind,edit,message", HEADER_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(HEADER_CASES)])
+def test_malformed_header_field_is_named(metadata_files, tmp_path, kind, edit, message):
+    """Each edit, checksums recomputed (so the field checks must catch it): a MetadataError naming
+    the field and what was expected."""
+    _, path = metadata_files[kind]
+    with pytest.raises(MetadataError, match=message):
+        qdcompile.load_metadata(_rewrite(path, tmp_path, header_fn=edit))
+
+
+TENSOR_CASES = [
+    ("w8a8", f"{CONV}.weight_q", lambda t: t[0, 0, 0, 0].clone(), "weight_q of a conv2d must have 4 non-empty"),
+    ("w8a8", f"{CONV}.weight_q", lambda t: t.reshape(-1).clone(), "weight_q of a conv2d must have 4 non-empty"),
+    ("w8a8", f"{CONV}.weight_q", lambda t: t.to(torch.int16), "weight_q must be int8 codes, got torch.int16"),
+    ("w8a8", f"{CONV}.weight_q", torch.zeros_like, "weight codes x scales .* do not reproduce the weights"),
+    ("w8a8", f"{CONV}.weight_scale", lambda t: t.clone().fill_(float("inf")), "finite, > 0 and <= 2\\^100"),
+    ("w8a8", f"{CONV}.weight_scale", lambda t: t * 1e35, "finite, > 0 and <= 2\\^100"),
+    ("w8a8", f"{CONV}.weight_scale", lambda t: t * 3, "do not reproduce the weights"),
+    ("w8a8", f"{CONV}.weight_digest", lambda t: t[:3].clone(), "weight_digest must be 10 finite float32 values"),
+    ("w4a8-split", f"{SPLIT}.split.1.weight_q", lambda t: -t, "split part 1: its weight codes or scales differ"),
+]
+
+
+@pytest.mark.parametrize("kind,key,fn,message", TENSOR_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(TENSOR_CASES)])
+def test_malformed_tensor_is_named(metadata_files, tmp_path, kind, key, fn, message):
+    _, path = metadata_files[kind]
+    file_meta, header, tensors = read_parts(path)
+    _tensor(key, fn)(tensors)
+    with pytest.raises(MetadataError, match=message):
+        qdcompile.load_metadata(write_parts(tmp_path / "t.qdiff", file_meta, header, tensors))
+
+
+def test_checksums_catch_any_edit(metadata_files, tmp_path):
+    """Format 5: a flipped byte in the tensors, a removed digest, or an edited header (checksum kept)."""
+    _, path = metadata_files["w4a8-split"]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10   # a byte of the last tensor
+    flipped = tmp_path / "flipped.qdiff"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(MetadataError, match="tensor payload does not match its checksum"):
+        qdcompile.load_metadata(flipped)
+    with pytest.raises(MetadataError, match="tensor payload does not match its checksum"):
+        qdcompile.load_metadata(_rewrite(path, tmp_path, drop=[f"{CONV}.weight_digest"], reseal=False))
+    with pytest.raises(MetadataError, match="header lists a weight digest, but the file lacks tensor"):
+        qdcompile.load_metadata(_rewrite(path, tmp_path, drop=[f"{CONV}.weight_digest"]))
+    edited = _rewrite(path, tmp_path, header_fn=_set(("layers", CONV, "act_scale"), 0.05), reseal=False)
+    with pytest.raises(MetadataError, match="header does not match its checksum: the file was edited"):
+        qdcompile.load_metadata(edited)
+    with pytest.raises(MetadataError, match="without its header or checksums"):
+        qdcompile.load_metadata(_rewrite(path, tmp_path, meta_fn=lambda m: m.pop("payload_sha256"), reseal=False))
+
+
+def test_version_4_files_still_load(metadata_files, tmp_path):
+    """A file as format 4 wrote it (no checksums, no digest flags) loads to the same records."""
+    _, path = metadata_files["mixed-ptqd"]
+    file_meta, header, tensors = read_parts(path)
+    for entry in header["layers"].values():
+        entry.pop("weight_digest")
+    file_meta = {k: v for k, v in file_meta.items() if not k.endswith("sha256")}
+    file_meta["format_version"] = "4"
+    old = qdcompile.load_metadata(write_parts(tmp_path / "v4.qdiff", file_meta, header, tensors, reseal=False))
+    new = qdcompile.load_metadata(path)
+    assert old.format_version == 4 and new.format_version == 5
+    assert old.noise == new.noise and old.precision_plan == new.precision_plan and old.act_variants == new.act_variants
+    for name, rec in new.layers.items():
+        assert torch.equal(old.layers[name].weight_q, rec.weight_q)
+        assert torch.equal(old.layers[name].weight_digest, rec.weight_digest)
+
+
+def test_attach_raises_only_metadata_errors(calibrated):
+    """Malformed in-memory records (digest of the wrong shape/dtype, edited config with its hash
+    kept): attach says MetadataError, never IndexError/RuntimeError."""
+    import copy
+    import dataclasses
+
+    unet, meta = calibrated
+    for bad in (torch.zeros(3), torch.zeros(10, dtype=torch.int64), torch.full((10,), float("nan")), "x"):
+        rec = dataclasses.replace(meta.layers[CONV], weight_digest=bad)
+        broken = dataclasses.replace(meta, layers={**meta.layers, CONV: rec})
+        with pytest.raises(MetadataError, match=f"layer '{CONV}': weight_digest must be 10 finite float32"):
+            qdcompile.attach(unet, broken)
+    model = copy.deepcopy(meta.model)
+    model["config"]["norm_eps"] = 0.5   # config_hash kept: the full config is compared
+    with pytest.raises(MetadataError, match="differing config keys: norm_eps"):
+        qdcompile.attach(unet, dataclasses.replace(meta, model=model))
+
+
+def test_saved_files_follow_the_umask(calibrated, tmp_path):
+    _, meta = calibrated
+    old = os.umask(0o027)
+    try:
+        path = meta.save(tmp_path / "m.qdiff")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_quantized_unet_checks_in_memory_statistics(metadata_files):
+    """PTQD statistics built in Python (not loaded) are checked too: k = -1 or mu = [] once ended
+    in ZeroDivisionError inside QuantizedUNet."""
+    import dataclasses
+
+    unet, path = metadata_files["mixed-ptqd"]
+    meta = qdcompile.load_metadata(path)
+    for change, message in (({"k": -1.0}, "k must lie in"), ({"mu": ()}, "mu must list one finite number"),
+                            ({"var": float("nan")}, "var must be a finite number")):
+        noise = {b: [dataclasses.replace(s, **change) for s in steps] for b, steps in meta.noise.items()}
+        with pytest.raises(MetadataError, match=message):
+            qdcompile.QuantizedUNet(unet, dataclasses.replace(meta, noise=noise), backend="simulate")

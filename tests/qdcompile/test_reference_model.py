@@ -70,6 +70,7 @@ def test_demo_command(tmp_path, capsys):
                  "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "on integer kernels" in out and "CPU timings say nothing about GPU speed" in out
+    assert "this takes minutes once, later calls reuse the compiled code" in out   # why the first call is slow
     assert (tmp_path / "mnist.w8a8.png").is_file() and (tmp_path / "mnist.w8a8.qdiff").is_file()
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["eps_snr_db_t500"] > 20
