@@ -145,39 +145,6 @@ def _(x, scale, zero_point, bits):
     return torch.empty_like(x, dtype=torch.uint8)
 
 
-def _linear_parts(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits):
-    return [QPart(x, w, w_rowsum, w_scale, act_scale, act_zero_point, act_bits)]
-
-
-def _split_parts(x1, x2, w1, w2, w_rowsum1, w_rowsum2, w_scale1, w_scale2, act_scale1, act_scale2,
-                 act_zero_point1, act_zero_point2, act_bits1, act_bits2):
-    return [QPart(x1, w1, w_rowsum1, w_scale1, act_scale1, act_zero_point1, act_bits1),
-            QPart(x2, w2, w_rowsum2, w_scale2, act_scale2, act_zero_point2, act_bits2)]
-
-
-def _compiled_triton(tensors) -> bool:
-    """True when a traced call should become Inductor-launched Triton kernels: CUDA tensors
-    with the Triton implementation selected (not the interpreter, which Inductor cannot launch)."""
-    x = tensors[0]
-    return x.device.type == "cuda" and not interpreting() and kernel_mode(x.device) == "triton"
-
-
-def _decompose_on_cuda(op_def, body) -> None:
-    """Like ``torch.library.triton_op``, but only for CUDA: in AOTAutograd's functional tracing
-    the op is replaced by ``body(..., kernel_wrapper=wrap_triton)`` — the launcher with its kernel
-    wrapped — so Inductor sees the kernel and its generated wrapper launches it; on other
-    devices the op stays opaque (the reference or the interpreter runs in its eager kernel)."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    def decompose(mode, op, types, args, kwargs):
-        if not _compiled_triton(args):
-            return mode.__torch_dispatch__(op, types, args, kwargs)
-        with mode:
-            return body(*args, **kwargs, kernel_wrapper=torch.library.wrap_triton)
-
-    op_def.register_torch_dispatch(FunctionalTensorMode, decompose)
-
-
 # ---- GEMM/conv ops. Optional arguments are keyword-only: the same call reaches the eager kernel,
 # the fake kernel and the CUDA decomposition unchanged.
 
