@@ -637,12 +637,16 @@ def test_corrections_need_statistics(mixed):
     unet, meta, _ = mixed
     import dataclasses
 
-    plain = dataclasses.replace(meta, noise={}, precision_plan=[], act_variants={})
+    plain = dataclasses.replace(meta, noise={}, precision_plan=[], act_variants={}, corrections=None)
     with pytest.raises(MetadataError, match="noise statistics"):
         QuantizedUNet(unet, plain, backend="simulate", corrections=Corrections())
     with pytest.raises(MetadataError, match="precision plan"):
         QuantizedUNet(unet, plain, backend="simulate", mixed=True)
     assert QuantizedUNet(unet, plain, backend="simulate").corrections == Corrections.none()
+    # a kept-corrections record without the statistics it refers to is itself malformed
+    with pytest.raises(MetadataError, match="need noise statistics"):
+        QuantizedUNet(unet, dataclasses.replace(plain, corrections=meta.corrections or {"correlated": True,
+                      "bias": True, "variance": True}), backend="simulate")
 
 
 def test_mixed_recipe_validation():
