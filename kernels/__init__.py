@@ -1,7 +1,7 @@
 """qdcompile.kernels — integer GEMM / implicit-GEMM conv kernels for quantized U-Nets.
 
 Public functional API (the ``qdiff`` backend and users call these; semantics in
-``METHODS.md`` §1 and in each module's pure-torch reference):
+``docs/METHODS.md`` §1 and in each module's pure-torch reference):
 
 * :func:`quantize_act` — float → per-tensor asymmetric unsigned codes.
 * :func:`pack_int4` / :func:`unpack_int4` — the int4 storage layout.
