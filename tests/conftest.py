@@ -70,6 +70,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _exact_interpreter_fma()
 
 
+@pytest.fixture(autouse=True)
+def _inductor_only_where_marked(request, monkeypatch):
+    """Inductor's CPU build (C++ code generation and compilation) is most of a whole-model test's
+    time: tests/passes/test_instances.py took 511 s with it and 82 s without on a loaded 2-core
+    machine. So the rewritten graph runs without Inductor (``QDCOMPILE_INDUCTOR=0``: the same
+    integer ops and the same aten quantizer ops, run eagerly), except in tests marked
+    ``@pytest.mark.inductor`` — those that check what only Inductor does (the quantizer fused into
+    its producer, whole U-Nets through Inductor's lowering, the README's demo command)."""
+    if request.node.get_closest_marker("inductor") is None:
+        monkeypatch.setenv("QDCOMPILE_INDUCTOR", "0")
+
+
 @pytest.fixture
 def reference_kernels(monkeypatch):
     """Route ``torch.ops.qdiff.*`` to the pure-torch reference for one test."""

@@ -1,6 +1,7 @@
 """Dynamo reuses one graph for every instance of a module class; the qdiff backend must not
 run one model's baked-in quantized weights for another instance."""
 
+import pytest
 import torch
 
 import qdcompile
@@ -9,6 +10,7 @@ from qdcompile import QuantRecipe
 from tiny_models import scheduler, tiny_unet2d
 
 
+@pytest.mark.inductor   # Inductor's caches must not mix up the instances either
 def test_two_instances_each_get_their_own_quantized_weights():
     a, b = tiny_unet2d(seed=10), tiny_unet2d(seed=11)
     for m in (a, b):

@@ -27,6 +27,8 @@ from qdcompile.kernels.quantizers import act_qparams
 from qdcompile.passes import registry
 from qdcompile.passes.quantize_layers import rewrite_quantized_layers
 
+pytestmark = pytest.mark.inductor   # what Inductor makes of the quantizer ops is the subject here
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -59,6 +59,7 @@ def test_unet2d_fullgraph_matches_simulation(recipe):
     assert rel(fp, out) < 0.5  # quantized, but still the same function
 
 
+@pytest.mark.inductor   # a whole conditional U-Net (attention, cross-attention) through Inductor
 def test_unet2d_condition_fullgraph_matches_simulation():
     emb = torch.randn(1, 5, 24)
     unet, meta = _calibrated(tiny_unet2d_condition, QuantRecipe.w8a8(), sample_kwargs={"encoder_hidden_states": emb})

@@ -33,6 +33,7 @@ def test_shipped_model_makes_digits():
     assert sum(c > 0 for c in m["histogram"]) >= 8, m["histogram"]  # no mode collapse
 
 
+@pytest.mark.inductor   # the embedded model through Inductor, fullgraph
 def test_compiled_w8a8_is_accurate_and_matches_metadata(w8a8):
     unet, scheduler, meta = w8a8
     fast = torch.compile(unet, backend="qdiff", fullgraph=True)
@@ -52,8 +53,6 @@ def test_compiled_w8a8_is_accurate_and_matches_metadata(w8a8):
 
 
 def test_quantized_samples_stay_digits(w8a8, monkeypatch):
-    # The Inductor path is covered above; here the rewritten graph runs eagerly to keep CI fast.
-    monkeypatch.setenv("QDCOMPILE_INDUCTOR", "0")
     unet, scheduler, meta = w8a8
     fast = torch.compile(unet, backend="qdiff")
     kw = dict(num_images=16, num_inference_steps=25, progress=False)
@@ -65,6 +64,7 @@ def test_quantized_samples_stay_digits(w8a8, monkeypatch):
     assert agree >= 0.8, agree  # same seeds → mostly the same digits
 
 
+@pytest.mark.inductor   # the README's command as a user runs it
 def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--num-images", "4", "--steps", "10", "--calib-samples", "8", "--out", str(tmp_path),
                  "--quiet"]) == 0
