@@ -124,41 +124,11 @@ def sd15_layers(batch: int = 2):
     return rows, c
 
 
-def _facts_by(facts: list[dict]):
-    from qdcompile.kernels.sm90_model import KernelFacts
-    from qdcompile.kernels.autotune import Tile
-    out: dict[str, dict] = {}
-    for f in facts:
-        variant, _, tile = f["variant"].partition("@")
-        bm, rest = tile.split("x", 1)
-        bn, rest = rest.split("x", 1)
-        bk, rest = rest.split("w", 1)
-        warps, stages = rest.split("s")
-        t = Tile(int(bm), int(bn), int(bk), int(warps), int(stages))
-        if f["loop_instructions"] is None:
-            continue
-        out.setdefault(variant, {})[t] = KernelFacts(
-            t.block_m, t.block_n, t.block_k, t.num_warps, f["registers"], f["shared_bytes"], f["loop_instructions"],
-            f["epilogue_instructions"], f["wait_depth"] if f["wait_depth"] is not None else 0)
-    return out
-
-
-def _variant(kind: str, bits: int, split: bool, codes: bool, by: dict) -> str:
-    name = f"{kind}:{bits}" + (":codes" if codes else "") + (":split" if split else "")
-    if name in by:
-        return name
-    name = f"{kind}:{bits}" + (":codes" if codes else "")      # split facts not compiled: the 1-part kernel's
-    if name in by:
-        return name
-    return f"{'gemm' if kind == 'gemm' else 'conv'}:{bits}" + (":codes" if codes else "")
-
-
 def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device_int8: bool = True) -> dict:
-    from qdcompile.kernels.autotune import kept_configs, split_k_for
-    from qdcompile.kernels.layout import device_weight_bits
-    from qdcompile.kernels.sm90_model import best_int8, fp16_seconds, DRAM_BYTES_S, FP16_FLOPS
+    from qdcompile.kernels.sm90_choice import estimate, facts_by_variant
+    from qdcompile.kernels.sm90_model import fp16_seconds, DRAM_BYTES_S, FP16_FLOPS
 
-    by = _facts_by(facts)
+    by = facts_by_variant(facts)
     layers, c = sd15_layers()
     rows = []
     tot = {"fp16": 0.0, "w8a8": 0.0, "w4a8": 0.0, "w8a8_float_fallback": 0.0, "w4a8_float_fallback": 0.0}
@@ -177,15 +147,12 @@ def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device
         tot["fp16"] += t16
         for key, bits in (("w8a8", 8), ("w4a8", 4)):
             if unsupported:
-                t, cfg, sk, dev_bits = t16, "float (unsupported)", 1, 16
+                t, cfg, sk, dev_bits, faster = t16, "float (unsupported)", 1, 16, False
             else:
-                dev_bits = (device_weight_bits("linear" if kind == "gemm" else "conv2d", s.n, s.k, s.m, bits)
-                            if device_int8 else bits)
-                variant = _variant(kind, dev_bits, split, codes, by)
-                kept = {t.name: by[variant][t] for t in kept_configs(s.m, s.n, s.k, split) if t in by[variant]}
-                kept = kept or {t.name: f for t, f in by[variant].items()}     # facts of other tiles only
-                sk = 1 if split or not split_k_on else split_k_for(s.m, s.n, s.k)
-                t, cfg = best_int8(s, kept, dev_bits, sk)
+                e = estimate(kind, s, bits, by, split=split, codes=codes, split_k_on=split_k_on,
+                             device_int8=device_int8)
+                t, cfg, sk, dev_bits, variant, kept = e.int_s, e.config, e.split_k, e.device_bits, e.variant, e.kept
+                faster = e.float_faster      # the backend's decision (sm90_choice), same function
             if not unsupported:
                 for tile in kept:
                     kernels_needed[key].add((variant, tile, sk > 1))
@@ -194,11 +161,12 @@ def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device
             row[f"{key}_config"] = cfg + (f" split-K {sk}" if sk > 1 else "")
             row[f"{key}_device_bits"] = dev_bits
             tot[key] += t
-            tot[f"{key}_float_fallback"] += min(t, t16)
+            tot[f"{key}_float_fallback"] += t16 if faster else t
+            row[f"{key}_float_faster"] = faster
             w_bytes[key] += s.n * s.k * dev_bits // 8
             if key == "w4a8":
                 w_bytes["w4a8_file"] += s.n * s.k * (4 if not unsupported else 16) // 8
-        row["prefer_float"] = row["w8a8_us"] > row["fp16_us"]
+        row["prefer_float"] = row["w8a8_float_faster"]
         rows.append(row)
     attn = 2 * c.attn_macs / (FP16_FLOPS * ATTENTION_EFFICIENCY)
     step = {"fp16": tot["fp16"] + attn + pointwise["fp16"]}
@@ -281,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             f"W4A8 {m['speedup']['w4a8' + deployed]:.2f}x")
     text += ("\n- last line: " + ("every supported layer integer (the backend before this report had no "
                                    "float-is-faster decision)" if args.baseline else
-                                   "with the per-layer float-is-faster decision (kernels.sm90_model.prefer_float); "
+                                   "with the per-layer float-is-faster decision (kernels.sm90_choice, as the backend decides); "
                                    f"every layer integer: W8A8 {m['speedup']['w8a8']:.2f}x, "
                                    f"W4A8 {m['speedup']['w4a8']:.2f}x"))
     print(table)
