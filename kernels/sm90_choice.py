@@ -180,6 +180,7 @@ class Estimate:
 
     @property
     def float_faster(self) -> bool:
+        """:func:`.sm90_model.prefer_float`'s rule on the times already estimated."""
         return self.fp16_s < self.int_s
 
 
