@@ -249,9 +249,9 @@ class _ProducerQuant:
         return q
 
 
-def _float_choice(node: fx.Node, op: str, x, weight: torch.Tensor, rec, producer_quant: bool) -> sm90_choice.Choice:
+def _float_choice(node: fx.Node, op: str, x, weight: torch.Tensor, rec, producer_quant: bool,
+                  capability) -> sm90_choice.Choice:
     """The static float-vs-integer choice for one layer at its traced shape (compile time)."""
-    capability = sm90_choice.device_capability(weight.device)
     if capability is None or capability[0] != 9:
         return sm90_choice.decide(op, weight.shape, 0, rec.weight_bits, capability)
     m = _rows(node, op)
@@ -313,13 +313,14 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant:
             inputs = list(got)
         choice_note = ""
         if prefer_float:
-            choice = _float_choice(node, op, args["input"], weight, rec, producer_quant)
+            capability = sm90_choice.device_capability(weight.device)
+            choice = _float_choice(node, op, args["input"], weight, rec, producer_quant, capability)
             if choice.choice == "float" and binding.correction is None:
                 binding.decisions[binding.name] = Decision(op, "float", choice.reason)
                 stats.fallback[binding.name] = choice.reason
                 stats.float_faster += 1
                 continue
-            if sm90_choice.device_capability(weight.device) is not None:   # on a GPU: say what was chosen and why
+            if capability is not None:   # on a GPU: say what was chosen and why
                 choice_note = choice.reason
                 if choice.choice == "float":
                     choice_note += "; kept integer: PTQD output correction in the kernel epilogue"
