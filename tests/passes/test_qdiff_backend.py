@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import qdcompile
-from equivalence import assert_matches_simulation, rel
+from equivalence import assert_equals_fake_quant64, assert_matches_simulation, rel
 from qdcompile import QuantRecipe
 from qdcompile.api import report
 from qdcompile.kernels import prepare_weight, qconv2d, qconv2d_split, qlinear
@@ -55,7 +55,9 @@ def test_unet2d_fullgraph_matches_simulation(recipe):
     if recipe.weight_bits == 4:
         bits = {r.name: r.bits for r in rep.rows}
         assert bits["conv_in"] == "W8A8" and bits["down_blocks.0.resnets.0.conv1"] == "W4A8"
-    assert_matches_simulation(out, unet, meta, x, t)
+    # exact: the float64 fake-quant of the metadata, following the compiled model only at rounding ties
+    # (this tiny W8A8 net is tie-chaotic: fp32 vs fp64 simulation alone differ by ~1e-2 relative)
+    assert torch.equal(assert_equals_fake_quant64(fast, unet, meta, x, t)["out"], out)
     assert rel(fp, out) < 0.5  # quantized, but still the same function
 
 
