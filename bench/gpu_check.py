@@ -243,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         record["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        stem.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        stem.with_suffix(".md").write_text(markdown(record))
+        from qdcompile.io import atomic_write
+
+        atomic_write(stem.with_suffix(".json"), json.dumps(record, indent=2, default=str) + "\n")
+        atomic_write(stem.with_suffix(".md"), markdown(record))
 
     for name in args.stages:
         try:

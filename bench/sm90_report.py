@@ -294,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             "split_k": not (args.no_split_k or args.baseline), "baseline": args.baseline}
     if args.note:
         meta["note"] = args.note
-    (args.out_dir / f"{stem}.json").write_text(json.dumps({**meta, "facts": facts, "model": m}, indent=1) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(
+    from qdcompile.io import atomic_write
+
+    atomic_write(args.out_dir / f"{stem}.json", json.dumps({**meta, "facts": facts, "model": m}, indent=1) + "\n")
+    atomic_write(args.out_dir / f"{stem}.md",
         f"# Static sm_90 report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items())
         + f"\n\n{__doc__}\n\n## Kernels\n\n{table}\n\n## SD 1.5 U-Net step model (batch 2)\n\n{text}\n\n{last}\n")
     print(last)

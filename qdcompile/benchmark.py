@@ -48,7 +48,9 @@ from typing import Any, Callable
 
 import torch
 
-from .io import atomic_write
+from .devices import synchronize
+from .io import atomic_write, write_json
+from .metrics import snr_db
 
 MB = 1e6          # the papers' "MB": 10^6 bytes (PTQD's Table 2 only matches with this)
 MIB = 2 ** 20
@@ -616,8 +618,7 @@ def run_size(args) -> int:
     if args.json:
         payload = {"rows": rows, "float_bytes": fb, "scales_counted": not args.no_scales,
                    "ptqd_table2": None if t2 is None else {k: v for k, v in t2.items() if k != "census"}}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        write_json(args.json, payload)
         print(f"\nwrote {args.json}")
     return 0
 
@@ -689,11 +690,11 @@ def profile_breakdown(fn: Callable[[], Any], device: str, steps: int = 3) -> dic
     cuda = device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     fn()
-    _sync(device)
+    synchronize(device)
     with profile(activities=acts) as prof:
         for _ in range(steps):
             fn()
-        _sync(device)
+        synchronize(device)
     cats = {c: 0.0 for c in _PROFILE_CATEGORIES}
     kernels: dict[str, float] = {}
     category: dict[str, str] = {}
@@ -732,11 +733,6 @@ def profile_breakdown(fn: Callable[[], Any], device: str, steps: int = 3) -> dic
             "top": [{"name": k, "per_step_ms": v / steps / 1e3, "category": category[k]} for k, v in top]}
 
 
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _time_calls(fn: Callable[[], Any], device: str, warmup: int, repeats: int, rep_ms: float) -> dict[str, float]:
     """Median / p20 / p80 seconds per call: triton.testing.do_bench on CUDA (events, L2
     flushed between calls), CUDA events or perf_counter otherwise."""
@@ -750,7 +746,7 @@ def _time_calls(fn: Callable[[], Any], device: str, warmup: int, repeats: int, r
             pass
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -809,14 +805,6 @@ class _LayoutAdapter(torch.nn.Module):
         if self._cl:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._fn(x, *args, **kwargs)
-
-
-def _snr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.double(), test.double()
-    if not torch.isfinite(test).all():
-        return float("nan")
-    noise = (test - ref).pow(2).mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.pow(2).mean().clamp_min(1e-30) / noise))
 
 
 def _out_tensor(out) -> torch.Tensor:
@@ -1082,7 +1070,7 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
         with torch.no_grad():
             t0 = time.perf_counter()
             out = _out_tensor(call())
-            _sync(device)
+            synchronize(device)
             row["first_call_s"] = time.perf_counter() - t0
             graphs0 = _graph_count()
             row["compile_s"] = row["first_call_s"] if cid != "fp-eager" else 0.0
@@ -1096,19 +1084,19 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
                 ref_out[scn.tag] = out.detach().float().cpu()
                 row["snr_db_vs_fp_eager"] = None
             elif ref is not None:
-                row["snr_db_vs_fp_eager"] = _snr_db(ref, out.detach().float().cpu())
+                row["snr_db_vs_fp_eager"] = snr_db(ref, out.detach().float().cpu())
             row["output_finite"] = bool(torch.isfinite(out).all())
             del out
             for _ in range(args.warmup):
                 call()
-            _sync(device)
+            synchronize(device)
             if device.startswith("cuda"):
                 row["resident_bytes"] = torch.cuda.memory_allocated() - mem0
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 call()
                 call()
-                _sync(device)
+                synchronize(device)
                 row["peak_bytes"] = torch.cuda.max_memory_allocated() - mem0
                 row["peak_activation_bytes"] = torch.cuda.max_memory_allocated() - base
 
@@ -1154,11 +1142,11 @@ def _run_one(cid: str, scn: Scenario, args, device: str, dtype, ref_out: dict, c
                 gen_times = []
                 for i in range(args.e2e_repeats + 1):
                     g = torch.Generator().manual_seed(args.seed)
-                    _sync(device)
+                    synchronize(device)
                     t0 = time.perf_counter()
                     qdcompile.sample(sampler_model, e2e_sched, num_images=scn.batch, num_inference_steps=args.e2e_steps,
                                      generator=g, sample_kwargs=kw, progress=False, to_image=False)
-                    _sync(device)
+                    synchronize(device)
                     if i:  # the first run warms up the scheduler path
                         gen_times.append(time.perf_counter() - t0)
                 row["e2e_steps"] = args.e2e_steps
@@ -1221,15 +1209,19 @@ def _device_slug(info: dict) -> str:
 def _write_results(payload: dict, out_dir: Path, stem: str) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out_dir / f"{stem}.json"), "csv": str(out_dir / f"{stem}.csv")}
-    atomic_write(paths["json"], json.dumps(payload, indent=2, default=str))
+    write_json(paths["json"], payload)
     cols = ["scenario", "contender", "label", "status", "dtype", "batch", "step_ms", "step_graph_ms", "speedup_vs_compiled",
             "speedup_vs_eager", "e2e_s", "e2e_steps", "compile_s", "calibration_s", "weight_MB", "resident_MB",
             "peak_MB", "snr_db_vs_fp_eager", "floor_ms", "pass_spread_pct", "reason"]
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in payload["rows"]:
-            w.writerow(_flat_row(r))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            for r in payload["rows"]:
+                w.writerow(_flat_row(r))
+
+    atomic_write(paths["csv"], write_csv)
     return paths
 
 
@@ -1325,7 +1317,7 @@ def _plot(payload: dict, path: Path) -> str:
         ax2.set_xlabel("ms per step by kernel category (profiler)")
         ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return str(path)
 
@@ -1336,7 +1328,7 @@ def _emit(payload: dict, out_dir: Path, stem: str, final: bool) -> dict[str, str
     if final:
         prof = format_profiles(payload["rows"])
         ppath = out_dir / f"{stem}-profile.txt"
-        ppath.write_text((prof or "no profile collected") + "\n")
+        atomic_write(ppath, (prof or "no profile collected") + "\n")
         paths["profile"] = str(ppath)
         paths["png"] = _plot(payload, out_dir / f"{stem}.png")
     return paths

@@ -16,38 +16,7 @@ from typing import Callable
 logger = logging.getLogger("qdcompile")
 
 
-def snr_db(ref, test) -> float:
-    from .evaluate import snr_db as _snr_db
-
-    return _snr_db(ref, test)
-
-
-def psnr_db(ref, test) -> float:
-    from .evaluate import psnr_db as _psnr_db
-
-    return _psnr_db(ref, test)
-
-
 # ---------------------------------------------------------------------------- helpers
-def _device(name: str) -> str:
-    from .evaluate import _resolve_device
-
-    return _resolve_device(name)
-
-
-def _dtype(device: str):
-    import torch
-
-    return torch.float16 if device.startswith("cuda") else torch.float32
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def median_seconds(fn: Callable[[], object], device: str, repeats: int = 10, warmup: int = 2) -> float:
     """Median seconds per call (do_bench / CUDA events on GPU, perf_counter on CPU)."""
     from .benchmark import _time_calls
@@ -101,14 +70,15 @@ def _heartbeat(label: str, every: float = 15.0, quiet: bool = False):
 # ---------------------------------------------------------------------------- commands
 def cmd_calibrate(args) -> int:
     import qdcompile
+    from .devices import default_dtype, resolve_device
 
     from .io import check_writable
 
     check_writable(args.out, "--out")
     if args.checkpoint:
         check_writable(args.checkpoint, "--checkpoint")
-    device = _device(args.device)
-    unet, scheduler, kwargs, _ = _load(args, device, _dtype(device))
+    device = resolve_device(args.device)
+    unet, scheduler, kwargs, _ = _load(args, device, default_dtype(device))
     recipe = qdcompile.QuantRecipe.preset(args.recipe)
     with _say_resume():
         meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.num_samples,
@@ -152,6 +122,8 @@ def cmd_sample(args) -> int:
     import torch
 
     import qdcompile
+    from .devices import default_dtype, resolve_device
+    from .metrics import psnr_db
     from .images import save_comparison_grid
     from .pipeline import Corrections, QuantizedUNet
 
@@ -172,8 +144,8 @@ def cmd_sample(args) -> int:
     for flag in ("out", "save_metadata"):
         if getattr(args, flag):
             check_writable(getattr(args, flag), f"--{flag.replace('_', '-')}")
-    device = _device(args.device)
-    dtype = _dtype(device)
+    device = resolve_device(args.device)
+    dtype = default_dtype(device)
     unet, scheduler, kwargs, pipe = _load(args, device, dtype)
     if args.scheduler == "ddim":
         from diffusers import DDIMScheduler
@@ -252,12 +224,14 @@ def cmd_demo(args) -> int:
     import torch
 
     import qdcompile
+    from .devices import default_dtype, resolve_device, synchronize
+    from .metrics import psnr_db, snr_db
     from .images import save_comparison_grid
-    from .io import atomic_write, check_writable_dir
+    from .io import check_writable_dir, write_json
 
     out = check_writable_dir(args.out, "--out")   # created by the first file written into it
-    device = _device(args.device)
-    dtype = _dtype(device)
+    device = resolve_device(args.device)
+    dtype = default_dtype(device)
     unet, scheduler = qdcompile.reference_model(args.model, device=device, dtype=dtype)
     recipe = qdcompile.QuantRecipe.preset(args.recipe)
     print(f"[1/4] calibrating {args.model} for {recipe.name}: {args.calib_samples} samples x {args.steps} steps "
@@ -282,7 +256,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     with torch.no_grad(), _heartbeat("      compiling", quiet=args.quiet):
         eps_q = fast(x, t).sample
-    _sync(device)
+    synchronize(device)
     compile_s = time.perf_counter() - t0
     print(f"      compiled in {compile_s:.1f}s")
 
@@ -298,12 +272,12 @@ def cmd_demo(args) -> int:
 
     t0 = time.perf_counter()
     quant = run(lambda **kw: quant_unet.sample(scheduler, **kw))
-    _sync(device)
+    synchronize(device)
     quant_s = time.perf_counter() - t0
     # the eager module is still the float model: metadata only changes what the qdiff backend compiles
     t0 = time.perf_counter()
     fp = run(lambda **kw: qdcompile.sample(unet, scheduler, **kw))
-    _sync(device)
+    synchronize(device)
     fp_s = time.perf_counter() - t0
     with torch.no_grad():
         eps_fp = unet(x, t).sample
@@ -337,7 +311,7 @@ def cmd_demo(args) -> int:
     if not device.startswith("cuda"):
         print("  note: on CPU the quantized layers run the pure-torch reference integer path; "
               "CPU timings say nothing about GPU speed.")
-    atomic_write(out / "demo_summary.json", json.dumps(summary, indent=2))
+    write_json(out / "demo_summary.json", summary)
     print(f"  grid: {grid}\n  metadata: {meta_path}\n  summary: {out / 'demo_summary.json'}")
     return 0
 

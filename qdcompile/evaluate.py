@@ -54,7 +54,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .io import atomic_write
+from .devices import default_dtype, resolve_device
+from .io import atomic_write, json_text, jsonable
+from .metrics import norm_ratio, psnr_db, snr_db, snr_q, to_db
 
 logger = logging.getLogger(__name__)
 
@@ -87,46 +89,11 @@ REAL_SUBSET_SEED = 0
 
 
 # ============================================================================ signal metrics
-def snr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """``10·log10(Σ ref² / Σ (test − ref)²)`` in dB; ``inf`` when ``test == ref``."""
-    ref, test = ref.double(), test.double()
-    noise = (test - ref).pow(2).sum()
-    if noise == 0:
-        return math.inf
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))
-
-
-def psnr_db(ref: torch.Tensor, test: torch.Tensor, peak: float = 1.0) -> float:
-    """PSNR of images with values in ``[0, peak]``: ``10·log10(peak² / MSE)``; ``inf`` if equal."""
-    mse = (test.double() - ref.double()).pow(2).mean()
-    if mse == 0:
-        return math.inf
-    return float(10 * torch.log10(peak ** 2 / mse))
-
-
-def snr_q(eps: torch.Tensor, eps_q: torch.Tensor) -> float:
-    """PTQD's ``SNR_Q = ‖ε‖₂ / ‖ε̂ − ε‖₂`` (a norm ratio, not in dB); ``inf`` when ``ε̂ == ε``."""
-    noise = (eps_q.double() - eps.double()).norm()
-    if noise == 0:
-        return math.inf
-    return float(eps.double().norm() / noise)
-
-
 def snr_f(scheduler, timestep) -> Optional[float]:
     """PTQD's ``SNR_F(t) = ᾱ_t / (1 − ᾱ_t)`` from ``scheduler.alphas_cumprod``; None without one."""
     from .ptqd import snr_f as forward_snr
 
     return forward_snr(scheduler, timestep) if getattr(scheduler, "alphas_cumprod", None) is not None else None
-
-
-def _db(ratio: Optional[float], power: bool) -> Optional[float]:
-    if ratio is None:
-        return None
-    if ratio == 0:
-        return -math.inf
-    if math.isinf(ratio):
-        return math.inf
-    return (10.0 if power else 20.0) * math.log10(ratio)
 
 
 # ============================================================================ SNR along trajectories
@@ -226,7 +193,7 @@ class StepSNR:
     snr_q_sampler_db: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()}
+        return jsonable(dataclasses.asdict(self))
 
 
 @torch.no_grad()
@@ -264,11 +231,10 @@ def step_snr(trajectory: Trajectory, quant_model: torch.nn.Module | EpsModel, sc
     out = []
     for step in sorted(acc):
         t, signal, noise, signal_used, noise_used = acc[step]
-        ratio = math.inf if noise == 0 else math.sqrt(signal / noise)
-        ratio_used = math.inf if noise_used == 0 else math.sqrt(signal_used / noise_used)
+        ratio, ratio_used = norm_ratio(signal, noise), norm_ratio(signal_used, noise_used)
         f = snr_f(scheduler, t)
-        out.append(StepSNR(step, t, ratio, _db(ratio, power=False), f, _db(f, power=True),
-                           _db(ratio_used, power=False)))
+        out.append(StepSNR(step, t, ratio, to_db(ratio, power=False), f, to_db(f, power=True),
+                           to_db(ratio_used, power=False)))
     return out
 
 
@@ -855,12 +821,6 @@ class EvalOptions:
                                  f"(fields: {', '.join(sorted(known - {'name', 'version'}))})")
 
 
-def _json_number(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
-
-
 def _fid_plan(opts: EvalOptions, image_shape: tuple[int, int, int], pixel_space: bool) -> tuple[Optional[str], str]:
     """Which feature extractor FID/KID use for these images, or None and why not."""
     if not opts.fid:
@@ -894,14 +854,6 @@ def _sample_kwargs(unet, path: Optional[str], device, dtype) -> Optional[dict[st
     return None
 
 
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return name
-
-
 def run_quality(opts: EvalOptions, unet=None, scheduler=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate every configuration of ``opts``; return the results (what the JSON file holds,
     plus the sample tensors under ``"_samples"`` and SNR curves under ``"_snr"``).
@@ -914,8 +866,8 @@ def run_quality(opts: EvalOptions, unet=None, scheduler=None, log: Callable[[str
     from .models import load_model
     from .sampling import model_sample_shape, unwrap
 
-    device = _resolve_device(opts.device)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    device = resolve_device(opts.device)
+    dtype = default_dtype(device)
     if unet is None:
         unet, scheduler = load_model(opts.model, device=device, dtype=dtype)
     elif scheduler is None:
@@ -1073,7 +1025,7 @@ class _Run:
                 scheduler = qm.wrap_scheduler(self.scheduler)
                 plan = qm.plan(self.scheduler, o.steps)
                 row["precision_plan"] = [[r["step"], r["timestep"], r["act_bits"]] for r in plan]
-                row["ptqd_steps"] = [{k: _json_number(v) for k, v in r.items()} for r in plan]   # k, bias, σ_q², σ'²
+                row["ptqd_steps"] = [jsonable(r) for r in plan]   # k, bias, σ_q², σ'²
                 row["corrections"] = qm.corrections.label()
                 row["noise_space"] = meta.noise_space
             t0 = time.perf_counter()
@@ -1261,10 +1213,6 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    return atomic_write(path, data)
-
-
 def _model_tag(model: str) -> str:
     name = Path(model).name if os.sep in model or Path(model).exists() else model
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
@@ -1289,18 +1237,10 @@ def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike, stamp: Op
                                           out_dir / f"{prefix}-snr.png")
     public = {k: v for k, v in results.items() if not k.startswith("_")}
     public["files"] = {k: p.name for k, p in paths.items()}
-    paths["json"] = _write_atomic(out_dir / f"{prefix}.json",
-                                  (json.dumps(_jsonable(public), indent=2, allow_nan=False) + "\n").encode())
-    paths["markdown"] = _write_atomic(out_dir / f"{prefix}.md", _markdown(results).encode())
+    paths["json"] = atomic_write(out_dir / f"{prefix}.json",
+                                  json_text(public).encode())
+    paths["markdown"] = atomic_write(out_dir / f"{prefix}.md", _markdown(results).encode())
     return paths
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return _json_number(v)
 
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -1375,7 +1315,7 @@ def save_snr_plot(curves: dict[str, Sequence[StepSNR]], path: str | os.PathLike,
     path = Path(path)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return _write_atomic(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 # ============================================================================ command line

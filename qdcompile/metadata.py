@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .io import atomic_write
+from .io import atomic_write, jsonable
 from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, weight_qrange
 from .recipe import QuantRecipe
 
@@ -165,13 +165,9 @@ def _config_of(model: torch.nn.Module) -> dict[str, Any]:
     return {k: v for k, v in items.items() if not str(k).startswith("_")}
 
 
-def _jsonable(v: Any) -> Any:
-    return json.loads(json.dumps(v, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     """Class name, config (private ``_`` keys dropped) and a hash of both."""
-    cfg = _jsonable(_config_of(model))
+    cfg = jsonable(_config_of(model))
     cls = type(model).__name__
     return {"class": cls, "config": cfg, "config_hash": _identity(cls, cfg)}
 
@@ -262,7 +258,7 @@ class QuantMetadata:
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "qdcompile_version": _package_version(),
             "recipe": self.recipe.to_dict(), "model": self.model, "fallbacks": self.fallbacks,
-            "calibration": _jsonable(self.calibration), "layers": {},
+            "calibration": jsonable(self.calibration), "layers": {},
             "layer_order": list(self.layers),  # JSON objects are key-sorted on write; keep model order
         }
         tensors: dict[str, torch.Tensor] = {}

@@ -23,7 +23,8 @@ torch.set_num_threads(1)
 def _run(body: str) -> str:
     code = textwrap.dedent(_PRELUDE.format(tests=str(TESTS))) + textwrap.dedent(body)
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("QDCOMPILE_KERNELS", "TRITON_INTERPRET")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=TESTS.parent)   # the checkout first on sys.path, whatever pytest's cwd
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc.stdout
 
