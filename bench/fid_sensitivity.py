@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qdcompile.io import atomic_write  # noqa: E402
-from qdcompile.evaluate import (FeatureSpace, colour_moments, colour_w2,  # noqa: E402
-                                format_colour_shift, paired_fid_delta, real_cifar10_images, real_mnist_images)
+from qdcompile.evaluation.fid import FeatureSpace, paired_fid_delta, real_cifar10_images, real_mnist_images  # noqa: E402
+from qdcompile.evaluation.metrics import colour_moments, colour_w2, format_colour_shift  # noqa: E402
 
 
 def perturbations(fp: torch.Tensor, cast_levels: list[float]) -> dict[str, torch.Tensor]:

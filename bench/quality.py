@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qdcompile.evaluate import add_eval_arguments, cmd_eval
+    from qdcompile.commands.eval import add_eval_arguments, cmd_eval
 
     parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -98,8 +98,9 @@ def facts_table(facts: list[dict]) -> str:
 
 def sd15_layers(batch: int = 2):
     """(name, kind, LayerShape, split, kernel) of every conv/linear layer of the SD 1.5 U-Net
-    (config of qdcompile.benchmark, meta device, census at ``batch``), and the census."""
-    from qdcompile.benchmark import build_unet, census
+    (config of qdcompile.benchmarks, meta device, census at ``batch``), and the census."""
+    from qdcompile.benchmarks.census import census
+    from qdcompile.benchmarks.configs import build_unet
     from qdcompile.kernels.sm90_model import LayerShape
 
     unet = build_unet("sd15", device="meta")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import threading
@@ -19,26 +18,20 @@ logger = logging.getLogger("qdcompile")
 # ---------------------------------------------------------------------------- helpers
 def median_seconds(fn: Callable[[], object], device: str, repeats: int = 10, warmup: int = 2) -> float:
     """Median seconds per call (do_bench / CUDA events on GPU, perf_counter on CPU)."""
-    from .benchmark import _time_calls
+    from .benchmarks.latency import time_calls
 
-    return _time_calls(fn, device, warmup=warmup, repeats=repeats, rep_ms=100)["median_s"]
-
-
-def _sample_kwargs(unet, path: str | None, device: str, dtype):
-    from .evaluate import _sample_kwargs as prompt_kwargs
-
-    return prompt_kwargs(unet, path, device, dtype)
+    return time_calls(fn, device, warmup=warmup, repeats=repeats, rep_ms=100)["median_s"]
 
 
 def _load(args, device: str, dtype):
     """``(unet, scheduler, sample_kwargs, pipeline or None)``: with ``--prompt`` the model is a
     text-to-image pipeline folder and the U-Net is conditioned on the prompt's embeddings."""
-    from .models import load_model, load_text_pipeline, prompt_embeddings
+    from .models import load_model, load_text_pipeline, prompt_embeddings, prompt_embeds_kwargs
 
     prompt = getattr(args, "prompt", None)
     if prompt is None:
         unet, scheduler = load_model(args.model, device=device, dtype=dtype)
-        return unet, scheduler, _sample_kwargs(unet, args.prompt_embeds, device, dtype), None
+        return unet, scheduler, prompt_embeds_kwargs(unet, args.prompt_embeds, device, dtype), None
     if args.prompt_embeds:
         raise ValueError("pass --prompt (encoded by the pipeline's text encoder) or --prompt-embeds FILE.pt, not both")
     pipe = load_text_pipeline(args.model, device=device, dtype=dtype)
@@ -194,7 +187,7 @@ def cmd_sample(args) -> int:
         rows.insert(0, ("FP", fp))
         print(f"sample PSNR vs FP (same seeds): {psnr_db(fp, quant):.2f} dB")
         if quant.shape[1] in (1, 3):
-            from .evaluate import colour_shift, format_colour_shift
+            from .evaluation.metrics import colour_shift, format_colour_shift
 
             print(f"colour shift vs FP (mean per channel, 8-bit levels): "
                   f"{format_colour_shift(colour_shift(fp, quant))}")
@@ -415,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_train_reference)
 
-    from .benchmark import add_bench_parser
-    from .evaluate import add_eval_parser
+    from .commands.bench import add_bench_parser
+    from .commands.eval import add_eval_parser
 
     add_bench_parser(sub)
     add_eval_parser(sub)

@@ -523,7 +523,7 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
     and step; and the correction layer. Trajectories are fresh FP samples (``seed + 7919``),
     every step of the ``num_inference_steps`` schedule. ``checkpoint`` (a
     ``CalibrationCheckpoint``): each finished stage is saved there and skipped on resume."""
-    from .evaluate import TrajectoryRecorder
+    from .trajectory import TrajectoryRecorder
     from .sampling import sample
 
     recipe = meta.recipe

@@ -33,7 +33,7 @@ ROOT_PACKAGE = "qdcompile"
 LAYERS = ("kernels", "passes", "core", "tools")
 # the folders the installed package is made of (pyproject's package-dir)
 _SOURCE_DIRS = {"qdcompile": "qdcompile", "qdcompile.kernels": "kernels", "qdcompile.passes": "passes"}
-_TOOL_MODULES = ("qdcompile.cli", "qdcompile.evaluate", "qdcompile.benchmark")
+_TOOL_MODULES = ("qdcompile.cli",)
 _TOOL_PACKAGES = ("qdcompile.commands", "qdcompile.evaluation", "qdcompile.benchmarks", "qdcompile.tools")
 
 

@@ -294,7 +294,7 @@ def test_mixed_calibration_stores_variants_statistics_and_plan(mixed):
 
 
 def test_noise_statistics_on_the_quantized_samplers_own_trajectories(mixed):
-    from qdcompile.evaluate import TrajectoryRecorder
+    from qdcompile.trajectory import TrajectoryRecorder
     from qdcompile.ptqd import eps_channels, noise_statistics
     from qdcompile.sampling import sample
     from tests.tiny_models import scheduler
