@@ -245,7 +245,9 @@ def cmd_demo(args) -> int:
     fast = quant_unet.model
     c, h, w = unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
     x = torch.randn(args.num_images, c, h, w, device=device, dtype=dtype)
-    t = torch.full((args.num_images,), 500, device=device)
+    # the same tensor layout as the sampler's timestep (a 0-d tensor expanded to the batch, stride 0):
+    # a contiguous one would make Dynamo compile the U-Net a second time on the first sampling step
+    t = torch.full((), 500, device=device).expand(args.num_images)
     t0 = time.perf_counter()
     with torch.no_grad(), _heartbeat("      compiling", quiet=args.quiet):
         eps_q = fast(x, t).sample
