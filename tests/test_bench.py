@@ -19,7 +19,7 @@ from qdcompile.benchmarks.census import census, config_census
 from qdcompile.benchmarks.latency import classify_kernel
 from qdcompile.benchmarks.ptqd_table import ptqd_table2
 from qdcompile.benchmarks.size import bops, model_size
-from qdcompile.commands.bench import add_bench_parser
+from qdcompile.commands.bench import add_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_classify_kernel(name, cat):
 
 def test_bench_size_subcommand(capsys, tmp_path):
     parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "size", "--models", "mnist", "--recipes", "fp32", "w8a8",
                               "--json", str(tmp_path / "s.json")])
     assert args.func(args) == 0

@@ -65,7 +65,7 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge earlier result files and exit")
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``qdcompile bench {latency,size}`` to a ``qdcompile`` sub-parser set."""
     p = subparsers.add_parser("bench", help="benchmarks: end-to-end latency/memory, model size and BOPs")
     sub = p.add_subparsers(dest="bench_command", required=True)
@@ -73,7 +73,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     add_latency_arguments(lat)
     size = sub.add_parser("size", help="model size and BOPs of U-Net configs under the recipes")
     add_size_arguments(size)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=run)
     return p
 
 
@@ -101,7 +101,7 @@ def latency_command(args: argparse.Namespace) -> int:
     return run_latency(opts)
 
 
-def cmd_bench(args) -> int:
+def run(args) -> int:
     if getattr(args, "bench_command", None) == "size":
         return size_command(args)
     return latency_command(args)

@@ -46,12 +46,12 @@ def add_eval_arguments(p, default_out: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_eval_parser(subparsers):
+def add_parser(subparsers):
     """Add ``qdcompile eval`` to the CLI's subparsers."""
     p = subparsers.add_parser("eval", help="quality of FP vs quantized configurations: FID/KID, per-step SNR_Q, "
                                            "PSNR; table, JSON, markdown, PNGs")
     add_eval_arguments(p, default_out="qdcompile-eval")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=run)
     return p
 
 
@@ -81,7 +81,7 @@ def parse_recipe_set(text: str) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-def cmd_eval(args) -> int:
+def run(args) -> int:
     """Run the configurations, print the table, write the files. 1 if a configuration failed."""
     opts = options_from_args(args)
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qdcompile.commands.eval import add_eval_parser, parse_recipe_set
+from qdcompile.commands.eval import add_parser, parse_recipe_set
 from qdcompile.evaluation.configs import CONFIGS, EvalConfig, NotAvailable, correlated_snr_check, quantized_model
 from qdcompile.evaluation.fid import (MNIST_FEATURES, FidelityUnavailable, _import_torch_fidelity, fid_kid,
                                      kernel_distance, paired_fid_delta, real_mnist_images,
@@ -270,7 +270,7 @@ def model28(tmp_path_factory):
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="qdcompile")
-    add_eval_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
