@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..layers import conv_linear_layers, unsupported_reason
+from ..reference_models import reference_model
 from .configs import build_unet, unet_inputs
 
 
@@ -63,8 +65,6 @@ def census(unet, batch: int = 1, resolution: int | None = None, name: str | None
     MACs: conv ``out.numel() · C_in/groups · kh · kw``; linear ``tokens · in · out``;
     attention ``B · N_q · N_k · inner_dim`` for each of ``QKᵀ`` and ``AV``.
     """
-    from ..layers import conv_linear_layers, unsupported_reason
-
     layers = conv_linear_layers(unet)
     macs: dict[str, int] = {n: 0 for n in layers}
     attn: dict[str, int] = {}
@@ -151,8 +151,6 @@ def config_census(name: str, batch: int = 1, resolution: int | None = None) -> C
     """:func:`census` of a :data:`UNET_CONFIGS` model built on the meta device (``mnist``: the
     shipped model itself, loaded with ``qdcompile.reference_model``, when its weights exist)."""
     if name == "mnist":
-        from ..reference_models import reference_model
-
         try:
             unet, _ = reference_model("mnist")
             return census(unet, batch=batch, resolution=resolution, name="mnist (shipped weights)")

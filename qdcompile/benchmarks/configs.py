@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..reference_models import MNIST_UNET_CONFIG
+
 # Written out here (no hub access). Values are the published diffusers configs.
 
 SD15_UNET_CONFIG: dict[str, Any] = dict(
@@ -52,8 +54,6 @@ TINY_UNET_CONFIG: dict[str, Any] = dict(
 
 
 def _mnist_config() -> dict[str, Any]:
-    from ..reference_models import MNIST_UNET_CONFIG
-
     return dict(MNIST_UNET_CONFIG)
 
 

@@ -21,9 +21,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+import qdcompile
 from ..devices import resolve_device, synchronize
 from ..io import atomic_write, write_json
 from ..metrics import snr_db
+from ..models import load_model
+from ..passes.backend import qdiff_backend
+from ..pipeline import QuantizedUNet
+from ..recipe import QuantRecipe
+from ..reference_models import reference_model
 from .census import Census, census, meta_unet_from_folder
 from .configs import build_unet, UNET_CONFIGS, unet_inputs
 from .size import format_rows, layer_precision, MB, model_size
@@ -316,8 +322,6 @@ def _load_model(scn: Scenario, device: str, dtype, seed: int):
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False)
         return unet, sched, UNET_CONFIGS[scn.model][3] + " (random weights)"
     if scn.model == "reference":
-        from ..reference_models import reference_model
-
         try:
             unet, sched = reference_model("mnist", device=device, dtype=dtype)
             return unet, sched, "shipped MNIST reference model (trained weights)"
@@ -327,7 +331,6 @@ def _load_model(scn: Scenario, device: str, dtype, seed: int):
 
             return unet, DDPMScheduler(num_train_timesteps=1000), \
                 "tiny UNet2DModel, random weights (shipped reference weights are missing)"
-    from ..models import load_model
 
     unet, sched = load_model(scn.model, device=device, dtype=dtype)
     return unet, sched, f"{scn.model} (from_pretrained)"
@@ -337,8 +340,6 @@ def speed_recipe(name: str):
     """The preset ``name`` with the cheapest calibration method (round-to-nearest, min-max
     scales) but the preset's layer choices (bits, ``keep_8bit``, ``skip``, ``split``), which
     decide what the compiled model runs."""
-    from ..recipe import QuantRecipe
-
     preset = QuantRecipe.preset(name)
     overrides = {"method": "rtn"}
     if "weight_observer" in {f.name for f in dataclasses.fields(QuantRecipe)}:
@@ -376,8 +377,6 @@ def _contender_label(cid: str, dtype) -> str:
 def _run_one(cid: str, scn: Scenario, opts: LatencyOptions, device: str, dtype, ref_out: dict, c_census: Census | None,
              budget: _Budget, ceilings: dict, profile_set: frozenset[str]) -> dict[str, Any]:
     """Build, prepare, compile and time one contender on one scenario. Never raises."""
-    import qdcompile
-
     row: dict[str, Any] = {"scenario": scn.tag, "model": scn.model, "batch": scn.batch, "contender": cid,
                            "label": _contender_label(cid, dtype), "dtype": str(dtype).replace("torch.", ""),
                            "status": "ok"}
@@ -432,8 +431,6 @@ def _run_one(cid: str, scn: Scenario, opts: LatencyOptions, device: str, dtype, 
             fn = torch.compile(unet, dynamic=False)
             row["torchao_config"] = cfg_name + " (nn.Linear only; convs stay float)"
         elif cid.startswith("qdiff-"):
-            from ..passes.backend import qdiff_backend
-
             recipe = speed_recipe(cid.split("-", 1)[1])
             if recipe.noise_correction:   # PTQD statistics on as many trajectories as the calibration
                 recipe = dataclasses.replace(recipe, noise_samples=opts.calib_samples)
@@ -453,7 +450,6 @@ def _run_one(cid: str, scn: Scenario, opts: LatencyOptions, device: str, dtype, 
         if cid == "qdiff-mixed":
             # the PTQD sampler: per-step activation precision + corrections; time each precision's
             # step and weight them by the plan (a median over a two-speed sequence would be meaningless)
-            from ..pipeline import QuantizedUNet
 
             mixed = QuantizedUNet(fn, meta, backend="qdiff")
             plan = mixed.plan(sched, opts.calib_steps)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..recipe import QuantRecipe
 from .census import census
 from .configs import build_unet
 from .size import bops, MB, model_size
@@ -73,8 +74,6 @@ def ptqd_table2() -> dict[str, Any]:
     we could not attribute to any natural group of layers; ours (all conv/linear at 8×8,
     conv_in/conv_out at 8×8 for W4A8) are 6.39 T and 3.19 T.
     """
-    from ..recipe import QuantRecipe
-
     unet = build_unet("ldm4-imagenet", device="meta")
     c = census(unet, batch=1, name="ldm4-imagenet")
     rows = []

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..io import write_json
+from ..recipe import QuantRecipe
 from .census import config_census, role_breakdown
 from .ptqd_table import ptqd_table2
 from .size import MB, MIB, bops, format_rows, model_size
@@ -14,8 +15,6 @@ from .size import MB, MIB, bops, format_rows, model_size
 
 def size_table(models: list[str], recipes: list[str], float_bytes: int = 4, count_scales: bool = True,
                batch: int = 1, resolution: int | None = None) -> list[dict[str, Any]]:
-    from ..recipe import QuantRecipe
-
     rows = []
     for name in models:
         c = config_census(name, batch=batch, resolution=resolution)

@@ -35,37 +35,4 @@ Modules: :mod:`.metrics` (Fréchet distance, colour shift), :mod:`.trajectory` (
 The command line is ``qdcompile eval`` (:mod:`qdcompile.commands.eval`) and
 ``python bench/quality.py``: they print a table and write ``quality-<model>-<stamp>.json``,
 ``.md``, ``-samples.png`` (FP and each configuration, same seeds) and ``-snr.png``.
-Importing this package is cheap: the names below load their modules on first use.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "snr_f": "trajectory", "StepSNR": "trajectory", "step_snr": "trajectory", "summarize_snr": "trajectory",
-    "MNIST_FEATURES": "fid", "FID_NOTE": "fid", "FidelityUnavailable": "fid",
-    "register_mnist_feature_extractor": "fid", "fid_kid": "fid", "kernel_distance": "fid",
-    "paired_fid_delta": "fid", "real_mnist_images": "fid", "real_cifar10_images": "fid", "FeatureSpace": "fid",
-    "frechet_distance": "metrics", "colour_moments": "metrics", "colour_w2": "metrics", "colour_shift": "metrics",
-    "format_colour_shift": "metrics", "to_uint8": "metrics",
-    "EvalConfig": "configs", "CONFIGS": "configs", "NotAvailable": "configs", "quantized_model": "configs",
-    "EvalOptions": "runner", "run_quality": "runner",
-    "format_table": "report", "write_outputs": "report", "save_snr_plot": "report",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

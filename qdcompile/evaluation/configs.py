@@ -11,6 +11,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from ..api import attach
+from ..recipe import QuantRecipe
+from ..sampling import unwrap
+from ..simulate import simulate
+
 
 class NotAvailable(Exception):
     """A configuration this qdcompile cannot build (its recipe raises, or lacks the feature)."""
@@ -33,8 +38,6 @@ class EvalConfig:
 
     def recipe(self, extra: Optional[dict[str, Any]] = None):
         """Build the recipe; raise :class:`NotAvailable` saying why when this qdcompile cannot."""
-        from ..recipe import QuantRecipe
-
         if self.preset is None:
             return None
         known = {f.name for f in dataclasses.fields(QuantRecipe)}
@@ -129,10 +132,6 @@ def quantized_model(unet: torch.nn.Module, meta, backend: str = "qdiff") -> Iter
     their pure-torch reference). ``backend="simulate"``: the fake-quant simulation of the same
     metadata (float math, no compilation).
     """
-    from ..api import attach
-    from ..sampling import unwrap
-    from ..simulate import simulate
-
     if backend not in ("qdiff", "simulate"):
         raise ValueError(f"backend must be 'qdiff' or 'simulate', got {backend!r}")
     q = copy.deepcopy(unwrap(unet))

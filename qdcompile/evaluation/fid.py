@@ -9,6 +9,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..cifar_features import default_weights_path, load_resnet56
+from ..classifier import DEFAULT_CLASSIFIER_PATH, load_mnist_classifier
+from ..data import load_cifar10, load_mnist
 from .configs import uncorrected_counterparts
 from .metrics import colour_moments, colour_w2, frechet_distance, to_uint8
 
@@ -106,7 +109,6 @@ def register_mnist_feature_extractor() -> str:
     class MnistClassifierFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             super().__init__(name, features_list)
-            from ..classifier import load_mnist_classifier
 
             self.classifier = load_mnist_classifier(feature_extractor_weights_path)
 
@@ -243,14 +245,10 @@ class FeatureSpace:
             self.name = register_mnist_feature_extractor() if extractor == "mnist" else INCEPTION_FEATURES
             self._cache_dir = tempfile.TemporaryDirectory(prefix="qdcompile-fidelity-")
         elif extractor == "cifar10":
-            from ..cifar_features import load_resnet56
-
             self.name = CIFAR_FEATURES
             self._classifier = load_resnet56(classifier_weights, device=device)
             self._real_features = self._builtin_features(self.real)
         else:
-            from ..classifier import load_mnist_classifier
-
             self.name = MNIST_FEATURES
             self._classifier = load_mnist_classifier(classifier_weights, device=device)
             self._real_features = self._builtin_features(self.real)
@@ -260,11 +258,7 @@ class FeatureSpace:
         return {"mnist": FID_NOTE, "cifar10": CIFAR_NOTE}.get(self.extractor, INCEPTION_NOTE)
 
     def describe(self) -> dict[str, Any]:
-        from ..classifier import DEFAULT_CLASSIFIER_PATH
-
         if self.extractor == "cifar10":
-            from ..cifar_features import default_weights_path
-
             default = default_weights_path()
         else:
             default = DEFAULT_CLASSIFIER_PATH
@@ -358,8 +352,6 @@ def fid_kid(generated: torch.Tensor, real: torch.Tensor, **kwargs) -> dict[str, 
 
 def real_mnist_images(n: int = 10000, seed: int = REAL_SUBSET_SEED) -> torch.Tensor:
     """A fixed random subset of ``n`` MNIST test images, ``[n, 1, 28, 28]`` floats in [0, 1]."""
-    from ..data import load_mnist
-
     images, _ = load_mnist("t10k")
     if not 2 <= n <= images.shape[0]:
         raise ValueError(f"real-image count must be in [2, {images.shape[0]}], got {n}")
@@ -369,8 +361,6 @@ def real_mnist_images(n: int = 10000, seed: int = REAL_SUBSET_SEED) -> torch.Ten
 
 def real_cifar10_images() -> Optional[torch.Tensor]:
     """The 1017 held-out CIFAR-10 test images (lossless, never trained on) as floats in [0, 1]."""
-    from ..data import load_cifar10
-
     try:
         images, _ = load_cifar10("heldout")
     except FileNotFoundError:

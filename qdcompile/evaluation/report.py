@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..images import save_comparison_grid
 from ..io import atomic_write, json_text
+from ..pipeline import format_correction_check, format_plan_runs
 from .fid import CIFAR_FEATURES, REAL_SUBSET_SEED
 from .metrics import format_colour_shift
 from .trajectory import StepSNR
@@ -112,7 +114,6 @@ def _markdown(results: dict[str, Any]) -> str:
              if r.get("precision_plan")]
     if plans:
         lines += ["", "PTQD rows (corrections applied by the quantized sampler; per-step precision):", ""]
-        from ..pipeline import format_plan_runs
 
         lines += [f"* {label} — corrections {corr}: {format_plan_runs(plan)}" for label, plan, corr in plans]
         spaces = {r.get("noise_space") for r in results["configs"] if r.get("precision_plan")} - {None}
@@ -122,8 +123,6 @@ def _markdown(results: dict[str, Any]) -> str:
                 "on the U-Net output (statistics of the output)" for sp in sorted(spaces)) + "."]
         checked = [(r["label"].strip(), r["correction_check"]) for r in results["configs"] if r.get("correction_check")]
         if checked:
-            from ..pipeline import format_correction_check
-
             lines += ["", "Rows marked PTQD run the corrections the calibration's check kept:", ""]
             lines += [f"* {label}: {format_correction_check(c)}" for label, c in checked]
     colour = [(r["label"].strip(), d) for r in results["configs"] for d in r.get("colour_delta", [])]
@@ -172,8 +171,6 @@ def _model_tag(model: str) -> str:
 
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike, stamp: Optional[str] = None) -> dict[str, Path]:
     """Write ``quality-<model>-<stamp>.json`` / ``.md`` / ``-samples.png`` / ``-snr.png`` into ``out_dir``."""
-    from ..images import save_comparison_grid
-
     out_dir = Path(out_dir)
     stamp = stamp or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     prefix = f"quality-{_model_tag(results['model'])}-{stamp}"

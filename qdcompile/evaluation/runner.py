@@ -16,12 +16,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import __version__
+from ..calibration import calibrate
+from ..classifier import digit_metrics, load_mnist_classifier
 from ..devices import default_dtype, resolve_device
 from ..io import jsonable
 from ..metrics import psnr_db, snr_db
-from ..models import prompt_embeds_kwargs
-from .configs import CONFIGS, correlated_snr_check, DEFAULT_CONFIGS, EvalConfig, NotAvailable, quantized_model
+from ..models import load_model, prompt_embeds_kwargs
+from ..pipeline import Corrections, QuantizedUNet
+from ..recipe import QuantRecipe
+from ..sampling import model_sample_shape, sample, unwrap
 from ..trajectory import Trajectory, TrajectoryRecorder
+from .configs import CONFIGS, correlated_snr_check, DEFAULT_CONFIGS, EvalConfig, NotAvailable, quantized_model
 from .fid import CIFAR_NOTE, FeatureSpace, FID_NOTE, INCEPTION_NOTE, real_cifar10_images, real_mnist_images
 from .metrics import colour_shift
 from .trajectory import step_snr, summarize_snr
@@ -68,8 +74,6 @@ class EvalOptions:
         if self.fid_backend not in ("torch-fidelity", "builtin"):
             raise ValueError(f"fid_backend must be 'torch-fidelity' or 'builtin', got {self.fid_backend!r}")
         if self.recipe_overrides:
-            from ..recipe import QuantRecipe
-
             known = {f.name for f in dataclasses.fields(QuantRecipe)}
             bad = [k for k, _ in self.recipe_overrides if k not in known or k in ("name", "version")]
             if bad:
@@ -104,10 +108,6 @@ def run_quality(opts: EvalOptions, unet=None, scheduler=None, log: Callable[[str
     this qdcompile cannot build are reported as not available; a configuration that fails
     while running is reported as failed with the error, and the others still run.
     """
-    from .. import __version__
-    from ..models import load_model
-    from ..sampling import model_sample_shape, unwrap
-
     device = resolve_device(opts.device)
     dtype = default_dtype(device)
     if unet is None:
@@ -203,8 +203,6 @@ class _Run:
     classifier: Optional[torch.nn.Module] = None   # digit confidence, loaded once per run
 
     def sample(self, model, callback=None, scheduler=None) -> torch.Tensor:
-        from ..sampling import sample
-
         o = self.opts
         return sample(model, scheduler or self.scheduler, num_images=o.num_samples, num_inference_steps=o.steps,
                       generator=torch.Generator().manual_seed(o.seed), batch_size=o.batch_size,
@@ -227,8 +225,6 @@ class _Run:
 
     def calibrate(self, cfg: EvalConfig, recipe):
         """The metadata of ``recipe`` (calibrated once per run) and the seconds it took."""
-        from ..calibration import calibrate
-
         key = recipe.to_json()
         if key in self.calibrated:
             return self.calibrated[key]
@@ -255,7 +251,6 @@ class _Run:
               quantized_model(self.base, meta, o.backend)) as qm:
             scheduler = self.scheduler
             if ptqd:   # the quantized sampler: per-step precision, corrections (it compiles / simulates itself)
-                from ..pipeline import Corrections, QuantizedUNet
 
                 corr = Corrections(*(cfg.corrections or (False,) * 3))
                 if cfg.checked:   # as the sampler runs by default: what the correction check kept
@@ -297,8 +292,6 @@ class _Run:
         if self.space is not None:
             row.update(self.space(images))
         if self.pixel_space and tuple(self.shape) == (1, 28, 28):
-            from ..classifier import digit_metrics, load_mnist_classifier
-
             if self.classifier is None:
                 with contextlib.suppress(FileNotFoundError):
                     self.classifier = load_mnist_classifier()

@@ -12,13 +12,13 @@ import torch
 
 from ..io import jsonable
 from ..metrics import norm_ratio, to_db
+from ..pipeline import unwrap_scheduler
+from ..ptqd import effective_eps, snr_f as forward_snr
 from ..trajectory import _eps_fn, EpsModel, Trajectory
 
 
 def snr_f(scheduler, timestep) -> Optional[float]:
     """PTQD's ``SNR_F(t) = ᾱ_t / (1 − ᾱ_t)`` from ``scheduler.alphas_cumprod``; None without one."""
-    from ..ptqd import snr_f as forward_snr
-
     return forward_snr(scheduler, timestep) if getattr(scheduler, "alphas_cumprod", None) is not None else None
 
 
@@ -49,9 +49,6 @@ def step_snr(trajectory: Trajectory, quant_model: torch.nn.Module | EpsModel, sc
     U-Net outputs; ``snr_q_sampler_db`` the ε the scheduler's step uses (after a DDPM x0
     clipping, and after a :class:`~qdcompile.pipeline.QuantizedUNet`'s sampler-space corrections).
     """
-    from ..pipeline import unwrap_scheduler
-    from ..ptqd import effective_eps
-
     scheduler = unwrap_scheduler(scheduler)
     fn = _eps_fn(quant_model)
     used = getattr(quant_model, "sampler_eps", None)
