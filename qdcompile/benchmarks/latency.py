@@ -31,8 +31,8 @@ from ..pipeline import QuantizedUNet
 from ..recipe import QuantRecipe
 from ..reference_models import reference_model
 from .census import Census, census, meta_unet_from_folder
-from .configs import build_unet, UNET_CONFIGS, unet_inputs
-from .size import format_rows, layer_precision, MB, model_size
+from .configs import UNET_CONFIGS, build_unet, unet_inputs
+from .size import MB, format_rows, layer_precision, model_size
 
 CONTENDERS = ("fp-eager", "fp-compiled", "fp-compiled-max-autotune", "torchao-int8", "qdiff-w8a8", "qdiff-w4a8",
               "qdiff-w4a4", "qdiff-mixed")

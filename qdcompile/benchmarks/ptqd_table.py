@@ -10,7 +10,7 @@ import torch
 from ..recipe import QuantRecipe
 from .census import census
 from .configs import build_unet
-from .size import bops, MB, model_size
+from .size import MB, bops, model_size
 
 PTQD_TABLE2 = {"fp32": {"MB": 1603.35, "TBOPs": 102.21}, "w8a8": {"MB": 430.06, "TBOPs": 8.25},
                "w4a8": {"MB": 234.51, "TBOPs": 5.12}}

@@ -27,8 +27,8 @@ from ..pipeline import Corrections, QuantizedUNet
 from ..recipe import QuantRecipe
 from ..sampling import model_sample_shape, sample, unwrap
 from ..trajectory import Trajectory, TrajectoryRecorder
-from .configs import CONFIGS, correlated_snr_check, DEFAULT_CONFIGS, EvalConfig, NotAvailable, quantized_model
-from .fid import CIFAR_NOTE, FeatureSpace, FID_NOTE, INCEPTION_NOTE, real_cifar10_images, real_mnist_images
+from .configs import CONFIGS, DEFAULT_CONFIGS, EvalConfig, NotAvailable, correlated_snr_check, quantized_model
+from .fid import CIFAR_NOTE, FID_NOTE, FeatureSpace, INCEPTION_NOTE, real_cifar10_images, real_mnist_images
 from .metrics import colour_shift
 from .trajectory import step_snr, summarize_snr
 

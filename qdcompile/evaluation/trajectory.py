@@ -13,8 +13,9 @@ import torch
 from ..io import jsonable
 from ..metrics import norm_ratio, to_db
 from ..pipeline import unwrap_scheduler
-from ..ptqd import effective_eps, snr_f as forward_snr
-from ..trajectory import _eps_fn, EpsModel, Trajectory
+from ..noise import effective_eps
+from ..ptqd import snr_f as forward_snr
+from ..trajectory import EpsModel, Trajectory, _eps_fn
 
 
 def snr_f(scheduler, timestep) -> Optional[float]:
