@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     import qdcompile
-    from qdcompile.benchmark import SD15_UNET_CONFIG
+    from qdcompile.benchmarks.configs import SD15_UNET_CONFIG
 
     torch.manual_seed(0)
     cfg = {**SD15_UNET_CONFIG, "sample_size": args.latent}

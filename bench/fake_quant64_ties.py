@@ -27,7 +27,8 @@ from qdcompile import QuantRecipe
 from qdcompile.metadata import load_metadata
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))   # after qdcompile: tests/qdcompile is no package
-from equivalence import assert_equals_fake_quant64, fake_quant64, snr_db  # noqa: E402
+from equivalence import assert_equals_fake_quant64, fake_quant64  # noqa: E402
+from qdcompile.metrics import snr_db  # noqa: E402
 
 
 def tiny_unet(kind: str):

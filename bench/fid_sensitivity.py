@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qdcompile.evaluate import (FeatureSpace, _write_atomic, colour_moments, colour_w2,  # noqa: E402
-                                format_colour_shift, paired_fid_delta, real_cifar10_images, real_mnist_images)
+from qdcompile.io import atomic_write  # noqa: E402
+from qdcompile.evaluation.fid import FeatureSpace, paired_fid_delta, real_cifar10_images, real_mnist_images  # noqa: E402
+from qdcompile.evaluation.metrics import colour_moments, colour_w2, format_colour_shift  # noqa: E402
 
 
 def perturbations(fp: torch.Tensor, cast_levels: list[float]) -> dict[str, torch.Tensor]:
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     base = out / f"fid-sensitivity-{o['model']}-{stamp}"
-    _write_atomic(base.with_suffix(".md"), text.encode())
-    _write_atomic(base.with_suffix(".json"), json.dumps({"run": args.run, "row": args.row, "cast_levels": cast,
+    atomic_write(base.with_suffix(".md"), text.encode())
+    atomic_write(base.with_suffix(".json"), json.dumps({"run": args.run, "row": args.row, "cast_levels": cast,
                                                           "fp_fid": fid_fp, "rows": table}, indent=2).encode())
     print(text)
     print(f"wrote {base}.md/.json")

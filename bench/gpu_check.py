@@ -99,7 +99,7 @@ def stage_kernels(args, out_dir: Path) -> dict:
 
 
 def _unet(torch, name: str, device, dtype):
-    from qdcompile.benchmark import build_unet, unet_inputs
+    from qdcompile.benchmarks.configs import build_unet, unet_inputs
     unet = build_unet(name, device=device, dtype=dtype, seed=0).eval()
     x, t, kw = unet_inputs(unet, 2, device=device, dtype=dtype, seed=0)
     return unet, (x, t, kw)
@@ -108,7 +108,8 @@ def _unet(torch, name: str, device, dtype):
 def _qdiff_model(torch, name: str, preset: str, device, dtype, mode):
     import qdcompile
     from diffusers import DDPMScheduler
-    from qdcompile.benchmark import speed_recipe, unet_inputs
+    from qdcompile.benchmarks.configs import unet_inputs
+    from qdcompile.benchmarks.latency import speed_recipe
     unet, inputs = _unet(torch, name, device, dtype)
     _, _, kw = unet_inputs(unet, 1, device=device, dtype=dtype, seed=1)
     qdcompile.calibrate(unet, DDPMScheduler(num_train_timesteps=1000), speed_recipe(preset), num_samples=1,
@@ -243,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         record["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        stem.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        stem.with_suffix(".md").write_text(markdown(record))
+        from qdcompile.io import atomic_write
+
+        atomic_write(stem.with_suffix(".json"), json.dumps(record, indent=2, default=str) + "\n")
+        atomic_write(stem.with_suffix(".md"), markdown(record))
 
     for name in args.stages:
         try:

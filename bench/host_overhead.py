@@ -42,6 +42,7 @@ os.environ["QDCOMPILE_KERNELS"] = "triton"
 
 import torch  # noqa: E402
 
+from qdcompile.io import atomic_write  # noqa: E402
 from qdcompile.kernels import ops, qconv, qgemm  # noqa: E402
 from qdcompile.kernels.layout import QPart, prepare_weight  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
             "date": stamp, "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "calls": args.calls, "repeats": args.repeats}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"host-overhead-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write(args.out / f"host-overhead-{stamp}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# Host time per quantized layer call (CPU, launch stubbed) — {stamp}", "",
              f"`{meta['command']}` · torch {meta['torch']} · {meta['cpu']} · median of {args.repeats} × "
              f"{args.calls} calls", "",
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     lines += ["", "On CUDA the compiled graph no longer calls the custom op: the op is traced into a `wrap_triton` "
               "launch, so per call only Inductor's wrapper line remains (GPU-only to time), and with "
               "`mode=\"reduce-overhead\"` the CUDA graph replays the step with no host work per layer."]
-    (args.out / f"host-overhead-{stamp}.md").write_text("\n".join(lines) + "\n")
+    atomic_write(args.out / f"host-overhead-{stamp}.md", "\n".join(lines) + "\n")
     print(f"wrote {args.out}/host-overhead-{stamp}.{{json,md}}")
     return 0
 

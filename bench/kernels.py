@@ -375,7 +375,9 @@ def run_kernel_bench(args, out_dir: Path, command: str) -> dict:
 
     def write() -> dict:
         record = {**meta, "rows": [{**asdict(r), "tops": {k: r.tops(k) for k in r.ms}} for r in rows]}
-        (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        from qdcompile.io import atomic_write
+
+        atomic_write(out_dir / f"{stem}.json", json.dumps(record, indent=2) + "\n")
         header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
         warn = "\n**Smoke run on the CPU interpreter: timings are meaningless.**\n" if not cuda else ""
         (out_dir / f"{stem}.md").write_text(f"# Kernel benchmark\n\n{header}\n{warn}\n{table(rows, peak)}\n")

@@ -76,11 +76,11 @@ from size import ensure_qdcompile_importable  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ensure_qdcompile_importable()
-    from qdcompile.benchmark import add_latency_arguments, run_latency
+    from qdcompile.commands.bench import add_latency_arguments, latency_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_latency_arguments(parser)
-    return run_latency(parser.parse_args(argv))
+    return latency_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import time
 import torch
 
 import qdcompile
-from qdcompile.evaluate import FeatureSpace, psnr_db, real_mnist_images
+from qdcompile.evaluation.fid import FeatureSpace, real_mnist_images
+from qdcompile.metrics import psnr_db
 from qdcompile.pipeline import Corrections, QuantizedUNet
 
 SEEDS = (100, 101, 102)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qdcompile.evaluate import add_eval_arguments, cmd_eval
+    from qdcompile.commands.eval import add_eval_arguments, run as run_eval
 
     parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return cmd_eval(args)
+        return run_eval(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"bench/quality.py: error: {e}", file=sys.stderr)
         return 2

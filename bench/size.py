@@ -10,7 +10,7 @@ scales and per-tensor activation scale/zero-point (``--no-scales`` leaves them o
 ``BOPs = MACs · b_w · b_a``. Sizes in MB = 10^6 bytes (and MiB).
 
 It also reproduces PTQD's Table 2 model sizes for LDM-4 ImageNet (1603.35 / 430.06 /
-234.51 MB): see ``qdcompile.benchmark.ptqd_table2`` for the accounting convention that
+234.51 MB): see ``qdcompile.benchmarks.ptqd_table.ptqd_table2`` for the accounting convention that
 matches (U-Net only, MB = 10^6, GroupNorm not counted, time-embedding projections kept in
 FP32) and how close the alternatives get.
 
@@ -52,11 +52,11 @@ def ensure_qdcompile_importable() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ensure_qdcompile_importable()
-    from qdcompile.benchmark import add_size_arguments, run_size
+    from qdcompile.commands.bench import add_size_arguments, size_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_arguments(parser)
-    return run_size(parser.parse_args(argv))
+    return size_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -97,13 +97,14 @@ def facts_table(facts: list[dict]) -> str:
 
 # ---------------------------------------------------------------- model
 
-MODELS = {"sd15": "SD1.5", "sdxl": "SDXL"}    # census configs of qdcompile.benchmark → label
+MODELS = {"sd15": "SD1.5", "sdxl": "SDXL"}    # census configs of qdcompile.benchmarks → label
 
 
 def unet_layers(model: str = "sd15", batch: int = 2):
     """(name, kind, LayerShape, split, kernel) of every conv/linear layer of the ``model`` U-Net
-    (config of qdcompile.benchmark, meta device, census at ``batch``), and the census."""
-    from qdcompile.benchmark import build_unet, census
+    (config of qdcompile.benchmarks, meta device, census at ``batch``), and the census."""
+    from qdcompile.benchmarks.census import census
+    from qdcompile.benchmarks.configs import build_unet
     from qdcompile.kernels.sm90_choice import layer_shape
 
     unet = build_unet(model, device="meta")
@@ -269,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             "split_k": not (args.no_split_k or args.baseline), "baseline": args.baseline, "model": args.model}
     if args.note:
         meta["note"] = args.note
-    (args.out_dir / f"{stem}.json").write_text(json.dumps({**meta, "facts": facts, "model": m}, indent=1) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(
+    from qdcompile.io import atomic_write
+
+    atomic_write(args.out_dir / f"{stem}.json", json.dumps({**meta, "facts": facts, "model": m}, indent=1) + "\n")
+    atomic_write(args.out_dir / f"{stem}.md",
         f"# Static sm_90 report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items())
         + f"\n\n{__doc__}\n\n## Kernels\n\n{table}\n\n## {label} U-Net step model (batch 2)\n\n{text}\n\n{last}\n")
     print(last)

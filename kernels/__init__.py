@@ -9,20 +9,29 @@ Public functional API (the ``qdiff`` backend and users call these; semantics in
 * :func:`qlinear`, :func:`qconv2d` and the split-concat forms :func:`qlinear_split`,
   :func:`qconv2d_split`.
 
-The ops are also ``torch.ops.qdiff.*`` (registered on import of this package).
+The ops are also ``torch.ops.qdiff.*``, registered on import of :mod:`.ops` (which
+:mod:`.functional` and the ``qdiff`` backend import).
+
+Importing this package does not import Triton: the quantizers, the int4 layout and
+:func:`prepare_weight` are pure torch and load eagerly; the Triton-backed names (the
+functional ops, :func:`kernel_mode`) load on first use. So ``qdcompile.kernels.quantizers``
+(and calibration, which uses it) works where Triton is not installed.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from . import ops  # noqa: F401  (registers torch.ops.qdiff.*)
 from .int4 import pack_int4, unpack_int4
 from .layout import PreparedWeight, QPart, prepare_weight
-from .ops import kernel_mode
 from .quantizers import act_qparams, dequantize_act, dequantize_weight, quantize_weight, weight_scales
+
+# name -> submodule that defines it; imported (with Triton) on first access
+_LAZY = {
+    "quantize_act": "functional", "qlinear": "functional", "qconv2d": "functional",
+    "qlinear_split": "functional", "qconv2d_split": "functional", "kernel_mode": "ops",
+}
 
 __all__ = [
     "quantize_act", "pack_int4", "unpack_int4", "prepare_weight", "PreparedWeight", "QPart",
@@ -31,57 +40,19 @@ __all__ = [
 ]
 
 
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-def quantize_act(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
-    """Per-tensor asymmetric quantization: ``clamp(round(x/Δ) + Z, 0, 2^b − 1)`` as uint8."""
-    return torch.ops.qdiff.quantize_act(x, float(scale), int(zero_point), int(bits))
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
-def qlinear(x: torch.Tensor, weight: PreparedWeight, weight_scale: torch.Tensor, act_scale: float,
-            act_zero_point: int, act_bits: int, bias: Optional[torch.Tensor] = None,
-            bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``y = Δ·s·(q(x)·W_qᵀ − Z·rowsum) + bias [+ bias_correction]``; ``x``: ``[..., K]`` float."""
-    return torch.ops.qdiff.qlinear(x, weight.w, weight.rowsum, weight_scale, float(act_scale), int(act_zero_point),
-                                   int(act_bits), weight.bits, bias=bias, bias_correction=bias_correction)
-
-
-def qconv2d(x: torch.Tensor, weight: PreparedWeight, weight_scale: torch.Tensor, act_scale: float,
-            act_zero_point: int, act_bits: int, kernel_size, stride=1, padding=0,
-            bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Quantized conv2d (groups=1, dilation=1, zero padding with the code of 0).
-
-    The output layout follows the input like ``torch.conv2d`` (channels-last in, channels-last out)."""
-    return torch.ops.qdiff.qconv2d(x, weight.w, weight.rowsum, weight_scale, float(act_scale), int(act_zero_point),
-                                   int(act_bits), weight.bits, _pair(kernel_size), _pair(stride), _pair(padding),
-                                   bias=bias, bias_correction=bias_correction)
-
-
-def _split_args(xs, weights, weight_scales, act_scales, act_zero_points, act_bits):
-    if not (len(xs) == len(weights) == len(weight_scales) == len(act_scales) == len(act_zero_points) == len(act_bits) == 2):
-        raise ValueError("split ops take exactly two parts (one entry per part in every argument)")
-    if weights[0].bits != weights[1].bits:
-        raise ValueError(f"split parts must share the weight bit width, got {weights[0].bits} and {weights[1].bits}")
-    return (xs[0], xs[1], weights[0].w, weights[1].w, weights[0].rowsum, weights[1].rowsum,
-            weight_scales[0], weight_scales[1], float(act_scales[0]), float(act_scales[1]),
-            int(act_zero_points[0]), int(act_zero_points[1]), int(act_bits[0]), int(act_bits[1]), weights[0].bits)
-
-
-def qlinear_split(xs: Sequence[torch.Tensor], weights: Sequence[PreparedWeight], weight_scales: Sequence[torch.Tensor],
-                  act_scales: Sequence[float], act_zero_points: Sequence[int], act_bits: Sequence[int],
-                  bias: Optional[torch.Tensor] = None, bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """qlinear of ``cat(xs, -1)`` with one quantizer per part; the concatenation is never built."""
-    return torch.ops.qdiff.qlinear_split(*_split_args(xs, weights, weight_scales, act_scales, act_zero_points, act_bits),
-                                         bias=bias, bias_correction=bias_correction)
-
-
-def qconv2d_split(xs: Sequence[torch.Tensor], weights: Sequence[PreparedWeight], weight_scales: Sequence[torch.Tensor],
-                  act_scales: Sequence[float], act_zero_points: Sequence[int], act_bits: Sequence[int],
-                  kernel_size, stride=1, padding=0, bias: Optional[torch.Tensor] = None,
-                  bias_correction: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """qconv2d of ``cat(xs, dim=1)`` with one quantizer per part; the concatenation is never built."""
-    return torch.ops.qdiff.qconv2d_split(*_split_args(xs, weights, weight_scales, act_scales, act_zero_points, act_bits),
-                                         _pair(kernel_size), _pair(stride), _pair(padding), bias=bias,
-                                         bias_correction=bias_correction)
+if TYPE_CHECKING:  # pragma: no cover
+    from .functional import qconv2d, qconv2d_split, qlinear, qlinear_split, quantize_act
+    from .ops import kernel_mode

@@ -8,6 +8,7 @@ import torch
 
 from .layers import conv_linear_layers, unsupported_reason
 from .metadata import QuantMetadata
+from .noise import eps_channels
 from .passes import registry
 from .sampling import unwrap
 
@@ -26,8 +27,6 @@ def attach(unet: torch.nn.Module, meta: QuantMetadata) -> torch.nn.Module:
     variants = {bits: meta.records_for(bits) for bits in meta.precisions if bits != meta.default_act_bits}
     correction = None
     if meta.noise and meta.noise_layer in meta.layers and not meta.layers[meta.noise_layer].split:
-        from .ptqd import eps_channels
-
         layer = modules[meta.noise_layer]
         correction = registry.OutputCorrection(meta.layers[meta.noise_layer].weight_scale, layer.bias,
                                                eps_channels(base))

@@ -22,53 +22,28 @@ With ``checkpoint=path`` the calibration set, every finished block and each fini
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
+from .api import attach as attach_metadata
 from .io import atomic_write
 from .kernels.quantizers import act_qparams, quantize_weight, weight_qrange, weight_scales
 from .layers import conv_linear_layers, unsupported_reason
 from .metadata import LayerQuant, QuantMetadata, SplitPart, model_identity, weight_digest
-from .recipe import QuantRecipe
-from .sampling import call_unet, require_unet, sample, unwrap
+from .observers import CalibrationSet, observe_ranges
+from .ptqd import calibrate_noise
+from .recipe import QuantRecipe, layer_bits, matches
+from .reconstruct import reconstruct
+from .sampling import require_unet, sample
 from .split import find_split_layers, quantize_split_layer
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2   # 2: PTQD statistics stored per noise space; the check records per-image distances
-
-
-@dataclass
-class CalibrationSet:
-    """U-Net inputs collected along FP sampling trajectories (kept on the CPU).
-
-    Entry ``i`` is one batch at one step: ``x[i]`` ``[B, C, H, W]``, the scalar timestep
-    ``t[i]`` and ``kwargs[i]``, the conditioning of those ``B`` samples (tensors batch-first).
-    """
-
-    x: list[torch.Tensor] = field(default_factory=list)
-    t: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
-    step_indices: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return sum(x.shape[0] for x in self.x)
-
-    def batches(self, device: torch.device, dtype: torch.dtype):
-        for x, t, kw in zip(self.x, self.t, self.kwargs):
-            yield (x.to(device, dtype), t.to(device),
-                   {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
-
-    def state(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def calibration_steps(num_inference_steps: int, num_calib_steps: Optional[int]) -> list[int]:
@@ -126,73 +101,6 @@ def collect_calibration_set(unet, scheduler, *, num_samples: int = 64, num_infer
     return calib
 
 
-class _RangeObserver:
-    """Observes the input range of one layer: running min/max, or mean per-batch percentiles."""
-
-    def __init__(self, mode: str, percentile: float):
-        self.mode, self.q = mode, percentile / 100.0
-        self.lo: list[float] = []
-        self.hi: list[float] = []
-
-    def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        if self.mode == "minmax":
-            self.lo.append(float(x.min()))
-            self.hi.append(float(x.max()))
-        else:
-            flat = x.reshape(-1)
-            if flat.numel() > 1 << 20:  # torch.quantile limit; a strided subsample keeps it cheap
-                flat = flat[:: math.ceil(flat.numel() / (1 << 20))]
-            qs = torch.quantile(flat, torch.tensor([1 - self.q, self.q], device=flat.device))
-            self.lo.append(float(qs[0]))
-            self.hi.append(float(qs[1]))
-
-    def range(self) -> tuple[float, float]:
-        if not self.lo:
-            raise RuntimeError("observer saw no input")
-        if self.mode == "minmax":
-            return min(self.lo), max(self.hi)
-        return sum(self.lo) / len(self.lo), sum(self.hi) / len(self.hi)
-
-
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-@torch.no_grad()
-def observe_ranges(unet, calib: CalibrationSet, names: list[str], recipe: QuantRecipe, progress: bool = True,
-                   splits: Optional[dict[str, tuple[int, ...]]] = None) -> dict[str, Any]:
-    """Input range of each named layer over the calibration set: ``(lo, hi)``, or for a layer
-    in ``splits`` (name → part channel counts along dim 1) a list with one range per part."""
-    base = unwrap(unet)
-    modules = dict(base.named_modules())
-    splits = splits or {}
-    observers = {n: [_RangeObserver(recipe.act_observer, recipe.act_percentile) for _ in splits.get(n, (0,))]
-                 for n in names}
-
-    def hook(name):
-        def observe(module, args):
-            chunks = torch.split(args[0], list(splits[name]), dim=1) if name in splits else (args[0],)
-            for obs, chunk in zip(observers[name], chunks):
-                obs.observe(chunk)
-        return observe
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    param = next(base.parameters())
-    try:
-        for x, t, kw in tqdm(calib.batches(param.device, param.dtype), total=len(calib.x),
-                             desc="observing activations", disable=not progress):
-            call_unet(base, x, t, kw)
-    finally:
-        for h in handles:
-            h.remove()
-    unseen = [n for n, o in observers.items() if not o[0].lo]
-    if unseen:
-        logger.warning("layers never executed during calibration (kept in float): %s", unseen)
-    return {n: ([o.range() for o in obs] if n in splits else obs[0].range())
-            for n, obs in observers.items() if obs[0].lo}
-
-
 def mse_weight_scales(weight: torch.Tensor, bits: int, ratios: int = 36, lowest: float = 0.3) -> torch.Tensor:
     """Per-output-channel symmetric scales with the clipping ratio (``lowest`` … 1 of max |W|)
     that minimises each channel's squared rounding error; float32 ``[N]``."""
@@ -213,12 +121,6 @@ def mse_weight_scales(weight: torch.Tensor, bits: int, ratios: int = 36, lowest:
 
 def weight_scale_fn(recipe: QuantRecipe):
     return mse_weight_scales if recipe.weight_observer == "mse" else weight_scales
-
-
-def layer_bits(name: str, recipe: QuantRecipe) -> tuple[int, int | None]:
-    if _matches(name, recipe.keep_8bit):
-        return 8, (8 if recipe.act_bits is not None else None)
-    return recipe.weight_bits, recipe.act_bits
 
 
 def quantize_layer(module: torch.nn.Module, op: str, weight_bits: int, act_bits: int | None,
@@ -315,8 +217,6 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     ``num_samples`` gives each trajectory its own conditioning. ``checkpoint``: file to save
     the progress to and resume from (see the module docstring).
     """
-    from .api import attach as attach_metadata
-
     recipe = recipe or QuantRecipe.w8a8()
     base = require_unet(unet, "calibrate")
     layers = conv_linear_layers(base)
@@ -324,7 +224,7 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     names = []
     for name, (module, op) in layers.items():
         reason = unsupported_reason(module, op)
-        if reason is None and _matches(name, recipe.skip):
+        if reason is None and matches(name, recipe.skip):
             reason = "skipped by the recipe"
         if reason is not None:
             fallbacks[name] = reason
@@ -363,8 +263,6 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
         records = _initial_records(layers, names, recipe, ranges, splits, fallbacks)
         recon_stats: list[dict[str, Any]] = []
         if recipe.method == "qdiffusion":
-            from .reconstruct import reconstruct
-
             start = 0
             if ckpt is not None:
                 records.update(ckpt.records())
@@ -388,8 +286,6 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
                      "split_ranges": {n: [list(r) for r in ranges[n]] for n in splits if n in ranges},
                      **({"reconstruction": recon_stats} if recipe.method == "qdiffusion" else {})})
     if recipe.noise_correction or recipe.act_bits_mixed:
-        from .ptqd import calibrate_noise
-
         base.eval()
         try:
             calibrate_noise(base, scheduler, meta, calib, num_inference_steps=num_inference_steps,

@@ -1,4 +1,4 @@
-"""Writing output files: atomically, with the permissions of an ordinary file.
+"""Writing output files: atomically, with the permissions of an ordinary file; JSON data.
 
 Every file qdcompile writes (metadata, images, results, checkpoints, weights) goes through
 :func:`atomic_write`: the content is written to a temporary file in the target's folder and
@@ -7,15 +7,20 @@ write never leaves a half-written file and keeps the previous one. ``tempfile`` 
 files with mode 0600; they are given the mode a plain ``open(path, "w")`` would (0666 less the
 process umask) before the move.
 
+:func:`jsonable` turns results into plain JSON data (one convention for non-finite numbers);
+:func:`write_json` writes them with :func:`atomic_write`.
+
 :func:`check_writable` tells, before any long work, whether an output file can be written there.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def default_file_mode() -> int:
@@ -49,6 +54,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object] | bytes
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON data from ``v``: dicts (keys as strings), lists for lists and tuples, strings,
+    booleans, integers and finite floats as they are; NaN → ``None``, ±inf → ``"inf"`` /
+    ``"-inf"``; anything else (paths, dtypes, numpy integers, …) → ``str(v)``. The result
+    serialises with ``json.dumps(..., allow_nan=False)``."""
+    if isinstance(v, dict):
+        return {(k if isinstance(k, str) else str(k)): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        if math.isfinite(v):
+            return v
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return str(v)
+
+
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """``data`` as JSON text (through :func:`jsonable`, keys in their order), ending in a newline."""
+    return json.dumps(jsonable(data), indent=indent, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Path:
+    """Write ``data`` as JSON (:func:`json_text`) to ``path`` atomically."""
+    return atomic_write(path, json_text(data, indent))
 
 
 def _check_folder(folder: Path, target: Path, what: str) -> None:

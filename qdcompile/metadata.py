@@ -21,9 +21,11 @@ from typing import Any, Iterator
 
 import torch
 
-from .io import atomic_write
+from .io import atomic_write, jsonable
 from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, weight_qrange
-from .recipe import QuantRecipe
+from .layers import quantizable_layers
+from .noise import StepNoise, eps_channels, nearest
+from .recipe import QuantRecipe, layer_bits
 
 FORMAT_NAME = "qdcompile.quant_metadata"
 FORMAT_VERSION = 5
@@ -165,13 +167,9 @@ def _config_of(model: torch.nn.Module) -> dict[str, Any]:
     return {k: v for k, v in items.items() if not str(k).startswith("_")}
 
 
-def _jsonable(v: Any) -> Any:
-    return json.loads(json.dumps(v, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     """Class name, config (private ``_`` keys dropped) and a hash of both."""
-    cfg = _jsonable(_config_of(model))
+    cfg = jsonable(_config_of(model))
     cls = type(model).__name__
     return {"class": cls, "config": cfg, "config_hash": _identity(cls, cfg)}
 
@@ -193,7 +191,7 @@ class QuantMetadata:
     # step-aware mixed precision: activation bit width → layer → quantizer per input part,
     # for the precisions other than the records' own (weights are shared by all precisions)
     act_variants: dict[int, dict[str, list[ActQuant]]] = field(default_factory=dict)
-    # PTQD statistics: activation bit width → per time step (see qdcompile.ptqd.StepNoise)
+    # PTQD statistics: activation bit width → per time step (see qdcompile.noise.StepNoise)
     noise: dict[int, list[Any]] = field(default_factory=dict)
     noise_layer: str | None = None                   # the last conv, whose epilogue applies the correction
     # what the statistics describe: "output" (the U-Net's ε, corrected in noise_layer's epilogue) or
@@ -238,14 +236,11 @@ class QuantMetadata:
         """Activation bit width of the plan at ``timestep`` (the nearest planned step)."""
         if not self.precision_plan:
             return self.default_act_bits
-        from .ptqd import nearest
 
         return nearest(self.precision_plan, int(timestep), key=lambda e: e[0])[1]
 
     def noise_at(self, act_bits: int | None, timestep: int):
-        """PTQD statistics (:class:`qdcompile.ptqd.StepNoise`) of ``act_bits`` nearest ``timestep``."""
-        from .ptqd import nearest
-
+        """PTQD statistics (:class:`qdcompile.noise.StepNoise`) of ``act_bits`` nearest ``timestep``."""
         bits = self.default_act_bits if act_bits is None else act_bits
         if bits not in self.noise:
             raise MetadataError(f"this metadata has no PTQD noise statistics for A{bits} "
@@ -262,7 +257,7 @@ class QuantMetadata:
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "qdcompile_version": _package_version(),
             "recipe": self.recipe.to_dict(), "model": self.model, "fallbacks": self.fallbacks,
-            "calibration": _jsonable(self.calibration), "layers": {},
+            "calibration": jsonable(self.calibration), "layers": {},
             "layer_order": list(self.layers),  # JSON objects are key-sorted on write; keep model order
         }
         tensors: dict[str, torch.Tensor] = {}
@@ -299,8 +294,6 @@ class QuantMetadata:
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise :class:`MetadataError` naming what does not match ``model`` (or what is malformed
         in the records themselves)."""
-        from .layers import quantizable_layers
-
         for name, rec in self.layers.items():
             validate_layer(name, rec)
         ident = model_identity(model)
@@ -576,8 +569,6 @@ def _layer_from(name: str, entry: Any, tensors: dict[str, torch.Tensor], version
 
 
 def _from_header(header: Any, tensors: dict[str, torch.Tensor], version: int) -> QuantMetadata:
-    from .ptqd import StepNoise
-
     _fields(header, "metadata header", ("recipe", "model", "layers")
             + (_HEADER_FIELDS_V5 if version >= CHECKSUM_VERSION else ()))
     strict = version >= CHECKSUM_VERSION
@@ -728,10 +719,8 @@ def _validate_noise(meta: QuantMetadata) -> None:
 
 def _eps_channels(config: dict[str, Any], outputs: int) -> int:
     """Channels of the predicted noise: the config's (the first half when the U-Net also predicts a
-    variance, see :func:`qdcompile.ptqd.eps_channels`), else all outputs of the corrected layer."""
+    variance, see :func:`qdcompile.noise.eps_channels`), else all outputs of the corrected layer."""
     from types import SimpleNamespace
-
-    from .ptqd import eps_channels
 
     if not isinstance(config, dict) or not _is_int(config.get("in_channels")):
         return outputs
@@ -746,8 +735,6 @@ def _eps_channels(config: dict[str, Any], outputs: int) -> int:
 
 def validate_recipe(meta: QuantMetadata) -> None:
     """Each record's bit widths are what the recipe gives its layer (``keep_8bit`` layers at 8)."""
-    from .calibration import layer_bits
-
     recipe = meta.recipe
     for name, rec in meta.layers.items():
         wbits, abits = layer_bits(name, recipe)

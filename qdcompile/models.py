@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .sampling import unwrap
 
 SUPPORTED_UNETS = ("UNet2DModel", "UNet2DConditionModel")
 
@@ -99,3 +104,18 @@ def prompt_embeddings(pipe, prompt: str):
     with torch.no_grad():
         emb, _ = pipe.encode_prompt(prompt, pipe.device, 1, False)
     return emb
+
+
+def prompt_embeds_kwargs(unet, path: Optional[str], device, dtype) -> Optional[dict[str, Any]]:
+    """U-Net keyword arguments from a ``--prompt-embeds`` file (a tensor ``[1 or N, tokens, dim]``
+    saved with ``torch.save``): ``{"encoder_hidden_states": ...}``; None without a file, which a
+    conditional U-Net (``UNet2DConditionModel``) cannot do without (``ValueError``)."""
+    if path:
+        emb = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(emb, torch.Tensor):
+            raise ValueError(f"--prompt-embeds {path!r} must hold one tensor [1 or N, tokens, dim]")
+        return {"encoder_hidden_states": emb.to(device, dtype)}
+    if type(unwrap(unet)).__name__ == "UNet2DConditionModel":
+        raise ValueError("this is a UNet2DConditionModel: pass --prompt-embeds FILE.pt (a tensor "
+                         "[1, tokens, cross_attention_dim] saved with torch.save)")
+    return None

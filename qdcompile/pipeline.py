@@ -30,10 +30,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .api import attach, attached_metadata, fused_correction
 from .metadata import MetadataError, QuantMetadata, validate_variants
+from .noise import VSCUnsupported, calibrated_sigma, clips_x0, effective_eps, eps_channels, scheduler_kind
 from .passes import registry
-from .ptqd import VSCUnsupported, calibrated_sigma, clips_x0, effective_eps, eps_channels, scheduler_kind
-from .sampling import unwrap
+from .sampling import batch_kwargs, call_unet, model_sample_shape, sample, unwrap
+from .simulate import simulate
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,6 @@ class QuantizedUNet(nn.Module):
     def __init__(self, unet: nn.Module, meta: QuantMetadata, *, backend: str = "qdiff",
                  corrections: Optional[Corrections] = None, mixed: Optional[bool] = None):
         super().__init__()
-        from .api import attach, attached_metadata, fused_correction
 
         if backend not in ("qdiff", "simulate"):
             raise ValueError(f"backend must be 'qdiff' or 'simulate', got {backend!r}")
@@ -205,7 +206,7 @@ class QuantizedUNet(nn.Module):
     def sampler_eps(self, scheduler, model_output, timestep, sample: torch.Tensor):
         """``model_output`` (this model's output at ``timestep`` for ``sample`` = x_t) as the
         scheduler's step will use it: the ε channels replaced by the ε of the clipped x0
-        prediction (:func:`qdcompile.ptqd.effective_eps`) and, for sampler-space statistics,
+        prediction (:func:`qdcompile.noise.effective_eps`) and, for sampler-space statistics,
         corrected (k, bias) there. Output-space corrections are already in ``model_output``."""
         t = self.host_timestep(timestep)
         sched = unwrap_scheduler(scheduler)
@@ -220,8 +221,6 @@ class QuantizedUNet(nn.Module):
         affine = None if self.corrects_in_sampler else self.affine_at(t)
         key = None if bits == self.meta.default_act_bits else bits
         if self.backend == "simulate":
-            from .simulate import simulate
-
             with simulate(self._base, self.meta.at_precision(key)):
                 out = self.model(sample, timestep, *args, **kwargs)
             return self._apply(out, affine)
@@ -313,8 +312,6 @@ class QuantizedUNet(nn.Module):
 
     def sample(self, scheduler, **kwargs) -> torch.Tensor:
         """:func:`qdcompile.sample` with this model and ``scheduler`` under VSC."""
-        from .sampling import sample
-
         out = sample(self, self.wrap_scheduler(scheduler), **kwargs)
         self.check_schedule()
         return out
@@ -328,8 +325,6 @@ class QuantizedUNet(nn.Module):
     def warmup(self, scheduler, num_inference_steps: int, batch_size: int = 1,
                sample_kwargs: Optional[dict[str, Any]] = None) -> None:
         """Call the model once per precision of the plan, so sampling compiles nothing."""
-        from .sampling import batch_kwargs, call_unet, model_sample_shape
-
         seen: dict[Optional[int], int] = {}
         for row in self.plan(scheduler, num_inference_steps):
             seen.setdefault(row["act_bits"], row["timestep"])

@@ -6,13 +6,13 @@ Quantized noise prediction ``ε̂ = ε + Δε`` with ``Δε = k·ε + Δ'`` per 
   least squares (clamped ≥ 0), the channel-wise mean ``μ`` of the residual ``Δ'``, its
   variance ``σ_q²`` (after removing ``μ``), and ``SNR_Q`` before and after correction.
 * Correction of one step: ``ε_c = (ε̂ − μ) / (1 + k)`` — a per-channel affine map of the
-  U-Net output, ``ε_c = a ⊙ ε̂ + b`` (:meth:`StepNoise.affine`), which the compiled model
+  U-Net output, ``ε_c = a ⊙ ε̂ + b`` (:meth:`qdcompile.noise.StepNoise.affine`), which the compiled model
   folds into the epilogue of its last conv (per-channel weight scale ``s·a``, bias
   correction ``(a − 1)·bias + b``).
 * Variance schedule calibration: with ``c_t`` the coefficient of ``ε`` in the sampler's
   ``x_{t−1}`` update, the quantized step adds ``c_t² σ_q² / (1 + k)²`` of variance; the
   sampler draws its noise with ``σ'_t² = max(0, σ_t² − c_t² σ_q² / (1 + k)²)`` so the total
-  stays ``σ_t²`` (:func:`calibrated_sigma`). Supported: ``DDPMScheduler`` (fixed variance
+  stays ``σ_t²`` (:func:`qdcompile.noise.calibrated_sigma`). Supported: ``DDPMScheduler`` (fixed variance
   types) and ``DDIMScheduler`` with ``η > 0`` — where ``c_t`` itself depends on ``σ`` and
   the equation is solved by bisection. Deterministic samplers (``σ_t = 0``) get ``k`` and
   the bias only.
@@ -29,54 +29,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
-from .metadata import NOISE_SPACES
+from .kernels.quantizers import act_qparams
+from .metadata import ActQuant, NOISE_SPACES
+from .noise import StepNoise, clips_x0, effective_eps, eps_channels, nearest
+from .observers import CalibrationSet, observe_ranges
+from .pipeline import Corrections, QuantizedUNet
+from .recipe import matches
+from .reconstruct import reconstruct
+from .sampling import call_unet, sample
+from .simulate import simulate
+from .trajectory import TrajectoryRecorder
 
 logger = logging.getLogger(__name__)
 
 # ============================================================================ statistics
-@dataclass(frozen=True)
-class StepNoise:
-    """PTQD statistics of one precision at one time step."""
-
-    timestep: int
-    k: float                   # correlation coefficient, ≥ 0
-    mu: tuple[float, ...]      # channel-wise mean of the residual Δ' (ε channels)
-    var: float                 # variance σ_q² of Δ' − μ
-    snr_q: float               # ‖ε‖ / ‖ε̂ − ε‖ before correction
-    snr_q_corrected: float     # ‖ε‖ / ‖ε_c − ε‖ after k and bias correction (same data)
-    samples: int = 0
-
-    def affine(self, bias_correction: bool = True, correlated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a, b)`` per ε channel with ``ε_c = a·ε̂ + b`` (float64)."""
-        k = self.k if correlated else 0.0
-        a = torch.full((len(self.mu),), 1.0 / (1.0 + k), dtype=torch.float64)
-        mu = torch.tensor(self.mu, dtype=torch.float64) if bias_correction else torch.zeros(len(self.mu), dtype=torch.float64)
-        return a, -mu * a
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"timestep": self.timestep, "k": self.k, "mu": list(self.mu), "var": self.var,
-                "snr_q": _finite(self.snr_q), "snr_q_corrected": _finite(self.snr_q_corrected), "samples": self.samples}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StepNoise":
-        return cls(timestep=int(d["timestep"]), k=float(d["k"]), mu=tuple(float(v) for v in d["mu"]),
-                   var=float(d["var"]), snr_q=_unfinite(d["snr_q"]), snr_q_corrected=_unfinite(d["snr_q_corrected"]),
-                   samples=int(d.get("samples", 0)))
-
-
-def _finite(v: float):
-    return v if math.isfinite(v) else "inf"
-
-
-def _unfinite(v) -> float:
-    return math.inf if v == "inf" else float(v)
-
-
 def _ratio(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else math.sqrt(signal / noise)
 
@@ -103,13 +73,6 @@ def estimate_noise(eps: torch.Tensor, eps_q: torch.Tensor, timestep: int = 0) ->
     corrected = (q - mu.view(shape)) / (1 + k)
     return StepNoise(int(timestep), k, tuple(float(v) for v in mu), var, _ratio(ee, float(d.pow(2).sum())),
                      _ratio(ee, float((corrected - e).pow(2).sum())), int(e.shape[0]))
-
-
-def nearest(entries: Sequence[Any], timestep: int, key=lambda e: e.timestep):
-    """The entry whose ``timestep`` is closest to ``timestep`` (ties: the later, noisier one)."""
-    if not entries:
-        raise ValueError("no PTQD statistics to look up")
-    return min(entries, key=lambda e: (abs(key(e) - timestep), -key(e)))
 
 
 # ============================================================================ mixed precision
@@ -144,152 +107,9 @@ def plan_precisions(stats: dict[int, list[StepNoise]], scheduler, margin_db: flo
             for t in timesteps]
 
 
-# ============================================================================ variance schedule calibration
-class VSCUnsupported(ValueError):
-    """The scheduler/step has no variance the quantization noise could be absorbed into."""
-
-
-def _alphas(scheduler, timestep: int) -> tuple[float, float]:
-    """``(ᾱ_t, ᾱ_prev)`` of a DDPM/DDIM step as the scheduler computes them."""
-    ac = scheduler.alphas_cumprod
-    t = int(timestep)
-    if hasattr(scheduler, "previous_timestep"):
-        prev = int(scheduler.previous_timestep(t))
-    else:
-        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    a_t = float(ac[t])
-    if prev >= 0:
-        a_prev = float(ac[prev])
-    else:
-        a_prev = float(getattr(scheduler, "final_alpha_cumprod", getattr(scheduler, "one", torch.tensor(1.0))))
-    return a_t, a_prev
-
-
-def scheduler_kind(scheduler) -> str:
-    name = type(scheduler).__name__
-    if name == "DDPMScheduler":
-        return "ddpm"
-    if name == "DDIMScheduler":
-        return "ddim"
-    return "other"
-
-
-def clips_x0(scheduler) -> bool:
-    """Whether ``scheduler``'s step sees the U-Net's ε only through a clipped or thresholded x0
-    prediction: a DDPM ε-prediction scheduler with ``clip_sample`` or ``thresholding``. Its update
-    is then linear in the ε recomputed from the processed x0 (:func:`effective_eps`), not in the
-    U-Net's output. (DDIM clips the x0 term but, unless ``use_clipped_model_output``, keeps the raw
-    ε in its direction term: no single ε describes its step, so it counts as not clipping.)"""
-    cfg = scheduler.config
-    return (scheduler_kind(scheduler) == "ddpm" and getattr(cfg, "prediction_type", "epsilon") == "epsilon"
-            and bool(getattr(cfg, "thresholding", False) or getattr(cfg, "clip_sample", False)))
-
-
-def effective_eps(scheduler, sample: torch.Tensor, timestep, eps: torch.Tensor) -> torch.Tensor:
-    """The ε a clipping DDPM step effectively uses for ``eps`` (the ε channels) at ``sample`` = x_t:
-    ``(x_t − √ᾱ_t·x̂0') / √(1 − ᾱ_t)`` with ``x̂0'`` the scheduler's clipped / thresholded x0
-    prediction (the step's posterior mean is linear in it). ``eps`` unchanged when the scheduler
-    does not clip (:func:`clips_x0`)."""
-    if not clips_x0(scheduler):
-        return eps
-    cfg = scheduler.config
-    a_t = float(scheduler.alphas_cumprod[int(timestep)])
-    sa, sb = math.sqrt(a_t), math.sqrt(1.0 - a_t)
-    x, e = sample.float(), eps.float()
-    x0 = (x - sb * e) / sa
-    if cfg.thresholding:
-        x0 = scheduler._threshold_sample(x0)
-    else:
-        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    return ((x - sa * x0) / sb).to(eps.dtype)
-
-
-def _check_epsilon(scheduler) -> None:
-    pred = getattr(scheduler.config, "prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise VSCUnsupported(f"variance schedule calibration is derived for ε-prediction; this scheduler predicts "
-                             f"{pred!r} (k and bias corrections still apply)")
-
-
-def ddpm_sigma2(scheduler, timestep: int) -> float:
-    """The DDPM step's noise variance ``σ_t²`` (``fixed_small`` / ``fixed_small_log`` / ``fixed_large``)."""
-    vt = scheduler.config.variance_type
-    a_t, a_prev = _alphas(scheduler, timestep)
-    beta = 1.0 - a_t / a_prev
-    if int(timestep) <= 0:
-        return 0.0
-    if vt in ("fixed_small", "fixed_small_log"):
-        return max((1.0 - a_prev) / (1.0 - a_t) * beta, 1e-20)
-    if vt == "fixed_large":
-        return beta
-    raise VSCUnsupported(f"DDPMScheduler variance_type={vt!r}: variance schedule calibration supports fixed_small, "
-                         "fixed_small_log and fixed_large (k and bias corrections still apply)")
-
-
-def ddpm_c(scheduler, timestep: int) -> float:
-    """Coefficient of ε in DDPM's ``x_{t−1}``: ``−β_t / (√α_t · √(1 − ᾱ_t))`` (METHODS §3),
-    with ``α_t = ᾱ_t / ᾱ_prev`` for the scheduler's (possibly strided) step."""
-    a_t, a_prev = _alphas(scheduler, timestep)
-    alpha = a_t / a_prev
-    return -(1.0 - alpha) / (math.sqrt(alpha) * math.sqrt(1.0 - a_t))
-
-
-def ddim_sigma2(scheduler, timestep: int, eta: float) -> float:
-    a_t, a_prev = _alphas(scheduler, timestep)
-    return eta ** 2 * (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
-
-
-def ddim_c(scheduler, timestep: int, sigma2: float) -> float:
-    """Coefficient of ε in DDIM's ``x_{t−1}`` when its noise has variance ``sigma2``:
-    ``√(1 − ᾱ_prev − σ²) − √ᾱ_prev · √(1 − ᾱ_t) / √ᾱ_t``."""
-    a_t, a_prev = _alphas(scheduler, timestep)
-    return math.sqrt(max(1.0 - a_prev - sigma2, 0.0)) - math.sqrt(a_prev) * math.sqrt(1.0 - a_t) / math.sqrt(a_t)
-
-
-def calibrated_sigma(scheduler, timestep: int, k: float, var: float, eta: float = 0.0) -> tuple[float, float]:
-    """``(σ_t², σ'_t²)`` for one step: the scheduled variance and the calibrated one whose sum
-    with the (corrected) quantization noise's contribution ``c_t² σ_q² / (1 + k)²`` is ``σ_t²``
-    (``σ'² = 0`` when it cannot all be absorbed). Raises :class:`VSCUnsupported` otherwise."""
-    kind = scheduler_kind(scheduler)
-    if kind == "other":
-        raise VSCUnsupported(f"variance schedule calibration supports DDPMScheduler and DDIMScheduler (eta > 0), "
-                             f"not {type(scheduler).__name__} (k and bias corrections still apply)")
-    _check_epsilon(scheduler)
-    extra = var / (1.0 + k) ** 2
-    if kind == "ddpm":
-        s2 = ddpm_sigma2(scheduler, timestep)
-        return s2, max(0.0, s2 - ddpm_c(scheduler, timestep) ** 2 * extra)
-    s2 = ddim_sigma2(scheduler, timestep, eta)
-    if s2 <= 0.0:
-        return 0.0, 0.0
-
-    def total(u: float) -> float:   # variance of the step when its noise has variance u
-        return u + ddim_c(scheduler, timestep, u) ** 2 * extra
-
-    if total(0.0) >= s2:
-        return s2, 0.0
-    lo, hi = 0.0, s2   # total(lo) < s2 <= total(hi)
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if total(mid) < s2:
-            lo = mid
-        else:
-            hi = mid
-    return s2, 0.5 * (lo + hi)
-
-
-def eps_channels(unet) -> int:
-    """Output channels that predict ε (the first half when the U-Net also predicts a variance)."""
-    cfg = unet.config
-    out = getattr(cfg, "out_channels", None) or cfg.in_channels
-    return cfg.in_channels if out == 2 * cfg.in_channels else out
-
-
 # ============================================================================ calibration (called by qdcompile.calibrate)
 def _subset(calib, keep) -> Any:
     """The entries of a calibration set whose time step satisfies ``keep(t)``."""
-    from .calibration import CalibrationSet
-
     out = CalibrationSet()
     for x, t, kw, i in zip(calib.x, calib.t, calib.kwargs, calib.step_indices):
         if keep(int(t)):
@@ -307,11 +127,7 @@ def calibrate_activations(unet, calib, records: dict[str, Any], bits: int, recip
     sizes block by block. Returns layer → quantizer per input part."""
     import dataclasses
 
-    from .calibration import _matches, observe_ranges
-    from .kernels.quantizers import act_qparams
-    from .metadata import ActQuant
-
-    names = [n for n, r in records.items() if not _matches(n, recipe.keep_8bit) and r.act_quants()]
+    names = [n for n, r in records.items() if not matches(n, recipe.keep_8bit) and r.act_quants()]
     splits = {n: tuple(p.channels for p in records[n].split) for n in names if records[n].split}
     ranges = observe_ranges(unet, calib, names, recipe, progress=progress, splits=splits)
 
@@ -325,8 +141,6 @@ def calibrate_activations(unet, calib, records: dict[str, Any], bits: int, recip
             rng = ranges[n] if n in splits else [ranges[n]]
             new[n] = records[n].with_act([quantizer(r) for r in rng])
     if recipe.method == "qdiffusion" and recipe.act_lsq_iters > 0:
-        from .reconstruct import reconstruct
-
         new, _ = reconstruct(unet, calib, new, dataclasses.replace(recipe, recon_iters=0), seed=seed, progress=progress)
     return {n: new[n].act_quants() for n in names if n in ranges}
 
@@ -341,9 +155,6 @@ def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence
     (:func:`effective_eps`: after its x0 clipping; the trajectory inputs are then x_t, which
     DDPM/DDIM do not scale). Every space comes from the same U-Net evaluations."""
     from tqdm.auto import tqdm
-
-    from .sampling import call_unet
-    from .simulate import simulate
 
     unknown = set(spaces) - set(NOISE_SPACES)
     if unknown or not spaces:
@@ -398,8 +209,6 @@ def _acts_state(acts: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _acts_from(state: dict[str, list[dict[str, Any]]]) -> dict[str, list[Any]]:
-    from .metadata import ActQuant
-
     return {n: [ActQuant.from_dict(a) for a in parts] for n, parts in state.items()}
 
 
@@ -454,9 +263,6 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
     noise-level one), else kept. VSC is not judged this way: changing the injected noise moves
     every sample whatever it does to the distribution; it is kept. Returns the record stored in
     ``meta.calibration["correction_check"]``; its ``"kept"`` is the metadata's default corrections."""
-    from .pipeline import Corrections, QuantizedUNet
-    from .sampling import sample
-
     mixed = bool(meta.precision_plan)
 
     def run(model, sched):
@@ -504,8 +310,6 @@ def choose_space(checks: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]
     (lowest mean of the per-image squared difference; a tie keeps ``"sampler"``), with the
     record of the comparison: each space's mean, kept corrections, and the paired change
     output − sampler ± its standard error."""
-    from .pipeline import Corrections
-
     per = {sp: torch.tensor(c["kept_per_image"], dtype=torch.float64) for sp, c in checks.items()}
     means = {sp: float(v.mean()) for sp, v in per.items()}
     chosen = min(sorted(means, key=lambda sp: sp != "sampler"), key=means.get)
@@ -523,9 +327,6 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
     and step; and the correction layer. Trajectories are fresh FP samples (``seed + 7919``),
     every step of the ``num_inference_steps`` schedule. ``checkpoint`` (a
     ``CalibrationCheckpoint``): each finished stage is saved there and skipped on resume."""
-    from .evaluate import TrajectoryRecorder
-    from .sampling import sample
-
     recipe = meta.recipe
     stages = _Stages(checkpoint)
 
@@ -565,7 +366,6 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
         meta.calibration["precision_plan_counts"] = {f"A{b}": sum(v == b for v in plan.values())
                                                      for b in recipe.act_bits_mixed}
     if recipe.noise_inputs == "quantized":   # the uncorrected quantized sampler's own trajectories
-        from .pipeline import Corrections, QuantizedUNet
 
         trajectory = record(QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none(),
                                           mixed=bool(meta.precision_plan)))

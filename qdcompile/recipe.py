@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 from dataclasses import dataclass, field
@@ -257,3 +258,16 @@ class QuantRecipe:
     @classmethod
     def from_json(cls, s: str) -> "QuantRecipe":
         return cls.from_dict(json.loads(s))
+
+
+def matches(name: str, patterns) -> bool:
+    """Whether the layer ``name`` matches one of the fnmatch ``patterns`` (``keep_8bit``, ``skip``)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def layer_bits(name: str, recipe: QuantRecipe) -> tuple[int, int | None]:
+    """``(weight bits, activation bits or None)`` that ``recipe`` gives the layer ``name``
+    (``keep_8bit`` layers at 8)."""
+    if matches(name, recipe.keep_8bit):
+        return 8, (8 if recipe.act_bits is not None else None)
+    return recipe.weight_bits, recipe.act_bits

@@ -11,6 +11,7 @@ Tests that need the pure-torch path regardless (slow end-to-end checks) can call
 """
 
 import os
+from pathlib import Path
 
 
 def _cuda_available() -> bool:
@@ -86,6 +87,28 @@ def _inductor_only_where_marked(request, monkeypatch):
 def reference_kernels(monkeypatch):
     """Route ``torch.ops.qdiff.*`` to the pure-torch reference for one test."""
     monkeypatch.setenv("QDCOMPILE_KERNELS", "reference")
+
+
+# Whole-model test folders: they run the pure-torch reference integer path on CPU (the Triton
+# kernels are property-tested against it in tests/kernels; running whole U-Nets in the Triton
+# interpreter would take minutes). Tests there that want Triton set it themselves.
+_REFERENCE_FOLDERS = tuple(Path(__file__).resolve().parent / name for name in ("passes", "qdcompile"))
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels_for_whole_models(request, monkeypatch):
+    path = Path(str(request.node.path)).resolve()
+    if any(path.is_relative_to(folder) for folder in _REFERENCE_FOLDERS):
+        monkeypatch.setenv("QDCOMPILE_KERNELS", "reference")
+
+
+@pytest.fixture(scope="session")
+def metadata_files(tmp_path_factory):
+    """``{kind: (unet, path)}``: real metadata files of the three kinds (see tests/metadata_files.py)."""
+    from metadata_files import KINDS, calibrated_file
+
+    folder = tmp_path_factory.mktemp("qdiff-files")
+    return {kind: calibrated_file(kind, folder) for kind in KINDS}
 
 
 

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from qdcompile.metrics import snr_db
 from qdcompile.simulate import simulate
 
 
@@ -212,11 +213,6 @@ def fake_quant64(model, meta, *args, follow=None, tie_tol: float = 1e-3, input_t
         if missing:
             raise AssertionError(f"integer op calls with no counterpart in the reference: {missing}")
     return out, followed
-
-
-def snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    err = (out.double() - ref.double()).pow(2).sum()
-    return float("inf") if err == 0 else float(10 * torch.log10(ref.double().pow(2).sum() / err))
 
 
 def assert_equals_fake_quant64(compiled, model, meta, *args, max_rel: float = 1e-5, reference_meta=None,

@@ -15,7 +15,11 @@ import torch
 from torch import nn
 
 from qdcompile import QuantRecipe
-from qdcompile import benchmark as qb
+from qdcompile.benchmarks.census import census, config_census
+from qdcompile.benchmarks.latency import classify_kernel
+from qdcompile.benchmarks.ptqd_table import ptqd_table2
+from qdcompile.benchmarks.size import bops, model_size
+from qdcompile.commands.bench import add_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +47,7 @@ class _Toy(nn.Module):
 def _toy_census():
     with torch.device("meta"):
         m = _Toy()
-    return qb.census(m, inputs=(torch.empty(1, 3, 4, 4, device="meta"), torch.empty(0), {}), name="toy")
+    return census(m, inputs=(torch.empty(1, 3, 4, 4, device="meta"), torch.empty(0), {}), name="toy")
 
 
 def test_census_counts_by_hand():
@@ -63,35 +67,35 @@ def test_census_counts_by_hand():
 
 def test_size_and_bops_by_hand():
     c = _toy_census()
-    fp32 = qb.model_size(c, None, float_bytes=4)
+    fp32 = model_size(c, None, float_bytes=4)
     assert fp32.total_bytes == 4 * c.total_params == 4 * 572
     # W8A8: 6 quantized layers (grouped conv stays float): codes 1 B/weight; scales 4 B/out channel + 8 B/layer
-    w8 = qb.model_size(c, QuantRecipe.w8a8(), float_bytes=4)
+    w8 = model_size(c, QuantRecipe.w8a8(), float_bytes=4)
     q_weights = 216 + 3 * 64 + 64 + 32
     assert w8.bytes["weights_q"] == q_weights
     assert w8.bytes["scales"] == 4 * (8 + 8 + 8 + 8 + 8 + 4) + 6 * 8
     assert w8.bytes["float_weights"] == 4 * 32 and w8.bytes["bias"] == 4 * 20 and w8.bytes["other"] == 4 * 16
-    assert qb.model_size(c, QuantRecipe.w8a8(), count_scales=False).total_bytes == q_weights + 4 * (32 + 20 + 16)
+    assert model_size(c, QuantRecipe.w8a8(), count_scales=False).total_bytes == q_weights + 4 * (32 + 20 + 16)
     assert w8.runtime_bytes == 4 * 44
     # W4A8 keeps conv_in at 8 bit; int4 rows of K=8 pack into 4 bytes
-    w4 = qb.model_size(c, QuantRecipe.w4a8(), float_bytes=2, count_scales=False)
+    w4 = model_size(c, QuantRecipe.w4a8(), float_bytes=2, count_scales=False)
     assert w4.bytes["weights_q"] == 216 + 4 * (8 * 4) + 4 * 4
     assert w4.bytes["float_weights"] == 2 * 32 and w4.params["quantized_8bit"] == 216
     macs_conv, macs_lin, macs_grouped = 16 * 8 * 27, 4 * 16 * 64 + 16 * 32, 16 * 8 * 4
-    b = qb.bops(c, QuantRecipe.w4a8())
+    b = bops(c, QuantRecipe.w4a8())
     assert b["layers"] == macs_conv * 8 * 8 + macs_lin * 4 * 8 + macs_grouped * 32 * 32
     assert b["attention"] == 2 * 16 * 16 * 8 * 32 * 32
-    assert qb.bops(c, None, float_bits=16)["layers"] == (macs_conv + macs_lin + macs_grouped) * 256
+    assert bops(c, None, float_bits=16)["layers"] == (macs_conv + macs_lin + macs_grouped) * 256
     # weight-only recipe: activations stay float
     wo = QuantRecipe.w8a8(act_bits=None)
-    assert qb.bops(c, wo)["layers"] == (macs_conv + macs_lin) * 8 * 32 + macs_grouped * 32 * 32
+    assert bops(c, wo)["layers"] == (macs_conv + macs_lin) * 8 * 32 + macs_grouped * 32 * 32
     # torchao-style linear-only quantization
-    lin = qb.model_size(c, QuantRecipe.w8a8(), ops=("linear",), count_scales=False)
+    lin = model_size(c, QuantRecipe.w8a8(), ops=("linear",), count_scales=False)
     assert lin.bytes["weights_q"] == 4 * 64 + 32
 
 
 def test_ptqd_table2_sizes_reproduced():
-    t = qb.ptqd_table2()
+    t = ptqd_table2()
     assert t["params"] == 400_920_579 and t["groupnorm_params"] == 82_560
     for row in t["rows"]:
         assert round(row["exact_convention_MB"], 2) == row["paper_MB"], row
@@ -101,8 +105,8 @@ def test_ptqd_table2_sizes_reproduced():
 
 
 def test_sd_configs_param_counts():
-    assert qb.config_census("sd15").total_params == 859_520_964
-    sdxl = qb.config_census("sdxl")
+    assert config_census("sd15").total_params == 859_520_964
+    sdxl = config_census("sdxl")
     assert sdxl.total_params == 2_567_463_684 and sdxl.resolution == (128, 128)
 
 
@@ -117,12 +121,12 @@ def test_sd_configs_param_counts():
     ("void at::native::vectorized_elementwise_kernel<4, SiLU>", "elementwise/other"),
 ])
 def test_classify_kernel(name, cat):
-    assert qb.classify_kernel(name) == cat
+    assert classify_kernel(name) == cat
 
 
 def test_bench_size_subcommand(capsys, tmp_path):
     parser = argparse.ArgumentParser()
-    qb.add_bench_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "size", "--models", "mnist", "--recipes", "fp32", "w8a8",
                               "--json", str(tmp_path / "s.json")])
     assert args.func(args) == 0
@@ -171,7 +175,7 @@ def _fid_sensitivity():
 
 
 def test_fid_sensitivity_perturbations_have_their_stated_size():
-    from qdcompile.evaluate import colour_moments
+    from qdcompile.evaluation.metrics import colour_moments
 
     g = torch.Generator().manual_seed(3)
     fp = 0.2 + 0.6 * torch.rand(16, 3, 8, 8, generator=g)        # away from 0 and 1: no clamping

@@ -25,7 +25,7 @@ from torch._functorch.aot_autograd import aot_function  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-import qdcompile.kernels  # noqa: E402,F401  (registers torch.ops.qdiff)
+import qdcompile.kernels.ops  # noqa: E402,F401  (registers torch.ops.qdiff)
 
 
 def cuda_like(t: torch.Tensor) -> torch.Tensor:

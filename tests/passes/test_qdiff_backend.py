@@ -162,7 +162,7 @@ def test_unsupported_layer_falls_back_visibly():
 def test_split_concat_layers_route_to_split_kernel():
     """A record with `split` on an up-block conv_shortcut (input = cat(deep, skip)) becomes
     qconv2d_split fed by the two concat inputs, and still matches the simulation."""
-    from qdcompile.calibration import observe_ranges
+    from qdcompile.observers import observe_ranges
     from qdcompile.kernels.quantizers import act_qparams, quantize_weight, weight_scales
     from qdcompile.metadata import SplitPart
 

@@ -41,7 +41,7 @@ def test_resnet56_features_classify_held_out_images():
 
 
 def test_fid_of_real_against_noise_is_large_and_against_itself_small():
-    from qdcompile.evaluate import FeatureSpace
+    from qdcompile.evaluation.fid import FeatureSpace
 
     x, _ = _data_or_skip()
     real = x.float() / 255

@@ -248,7 +248,7 @@ def test_demo_heartbeat_shows_progress_while_compiling(capsys):
     """The demo's compile step prints the elapsed time while it runs (quiet: nothing)."""
     import time
 
-    from qdcompile.cli import _heartbeat
+    from qdcompile.commands.common import heartbeat as _heartbeat
 
     with _heartbeat("      compiling", every=0.05):
         time.sleep(0.3)

@@ -11,21 +11,30 @@ import numpy as np
 import pytest
 import torch
 
-from qdcompile import evaluate as ev
+from qdcompile.commands.eval import add_parser, parse_recipe_set
+from qdcompile.evaluation.configs import CONFIGS, EvalConfig, NotAvailable, correlated_snr_check, quantized_model
+from qdcompile.evaluation.fid import (MNIST_FEATURES, FidelityUnavailable, _import_torch_fidelity, fid_kid,
+                                     kernel_distance, paired_fid_delta, real_mnist_images,
+                                     register_mnist_feature_extractor, uint8_to_mnist)
+from qdcompile.evaluation.metrics import colour_moments, colour_w2, frechet_distance, to_uint8
+from qdcompile.evaluation.runner import EvalOptions
+from qdcompile.evaluation.trajectory import snr_f, step_snr, summarize_snr
+from qdcompile.metrics import psnr_db, snr_db, snr_q
+from qdcompile.trajectory import TrajectoryRecorder
 from qdcompile.sampling import call_unet, sample
 from tiny_models import scheduler, tiny_unet2d
 
 
 def _fidelity_or_skip():
     try:
-        return ev._import_torch_fidelity()
-    except ev.FidelityUnavailable as e:
+        return _import_torch_fidelity()
+    except FidelityUnavailable as e:
         pytest.skip(f"torch-fidelity unavailable: {e}")
 
 
 def _mnist_or_skip(n):
     try:
-        return ev.real_mnist_images(n)
+        return real_mnist_images(n)
     except FileNotFoundError as e:
         pytest.skip(f"MNIST test set not found (shared data): {e}")
 
@@ -37,26 +46,26 @@ def test_snr_psnr_known_values():
     signs = torch.where(torch.rand(ref.shape, generator=g) > 0.5, 1.0, -1.0).double()
     # noise with exactly 1/100 of the signal energy
     noise = signs * ref.pow(2).mean().sqrt() * 0.1
-    assert ev.snr_db(ref, ref + noise) == pytest.approx(20.0, abs=1e-9)
-    assert ev.snr_q(ref, ref + noise) == pytest.approx(10.0, rel=1e-12)
+    assert snr_db(ref, ref + noise) == pytest.approx(20.0, abs=1e-9)
+    assert snr_q(ref, ref + noise) == pytest.approx(10.0, rel=1e-12)
     img = torch.full((2, 1, 4, 4), 0.5, dtype=torch.float64)
-    assert ev.psnr_db(img, img + 0.1) == pytest.approx(20.0, abs=1e-9)   # MSE 0.01
-    assert ev.psnr_db(img, img + 0.01) == pytest.approx(40.0, abs=1e-9)
-    assert ev.psnr_db(img * 255, img * 255 + 25.5, peak=255) == pytest.approx(20.0, abs=1e-9)
-    assert math.isinf(ev.snr_db(ref, ref)) and math.isinf(ev.snr_q(ref, ref)) and math.isinf(ev.psnr_db(img, img))
+    assert psnr_db(img, img + 0.1) == pytest.approx(20.0, abs=1e-9)   # MSE 0.01
+    assert psnr_db(img, img + 0.01) == pytest.approx(40.0, abs=1e-9)
+    assert psnr_db(img * 255, img * 255 + 25.5, peak=255) == pytest.approx(20.0, abs=1e-9)
+    assert math.isinf(snr_db(ref, ref)) and math.isinf(snr_q(ref, ref)) and math.isinf(psnr_db(img, img))
 
 
 def test_snr_f_is_alpha_bar_ratio():
     s = scheduler()
     for t in (0, 499, 999):
         a = float(s.alphas_cumprod[t])
-        assert ev.snr_f(s, torch.tensor(t)) == pytest.approx(a / (1 - a))
-    assert ev.snr_f(object(), 10) is None
+        assert snr_f(s, torch.tensor(t)) == pytest.approx(a / (1 - a))
+    assert snr_f(object(), 10) is None
 
 
 def test_step_snr_along_fp_trajectory_with_a_callable():
     unet, sched = tiny_unet2d(seed=1), scheduler()
-    rec = ev.TrajectoryRecorder(limit=3)
+    rec = TrajectoryRecorder(limit=3)
     sample(unet, sched, num_images=4, num_inference_steps=3, batch_size=2, generator=torch.Generator().manual_seed(0),
            progress=False, callback=rec)
     traj = rec.finish(unet)
@@ -66,14 +75,14 @@ def test_step_snr_along_fp_trajectory_with_a_callable():
     def quant(x, t, kw):                                            # ε̂ = 1.1 ε: SNR_Q = 10 exactly
         return 1.1 * call_unet(unet, x, t, kw)
 
-    steps = ev.step_snr(traj, quant, sched)
+    steps = step_snr(traj, quant, sched)
     assert [s.step for s in steps] == [0, 1, 2]
     for s in steps:
         assert s.snr_q == pytest.approx(10.0, rel=1e-4) and s.snr_q_db == pytest.approx(20.0, abs=1e-3)
         a = float(sched.alphas_cumprod[s.timestep])
         assert s.snr_f == pytest.approx(a / (1 - a)) and s.snr_f_db == pytest.approx(10 * math.log10(a / (1 - a)))
-    assert all(math.isinf(s.snr_q) for s in ev.step_snr(traj, unet, sched))   # FP against itself
-    summary = ev.summarize_snr(steps)
+    assert all(math.isinf(s.snr_q) for s in step_snr(traj, unet, sched))   # FP against itself
+    summary = summarize_snr(steps)
     assert summary["mean_snr_q_db"] == pytest.approx(20.0, abs=1e-3)
     # SNR_F grows past 10 as t -> 0 only for small t; the rule flags exactly the steps with SNR_Q <= SNR_F
     assert summary["steps_snr_q_below_snr_f"] == [s.step for s in steps if s.snr_f >= s.snr_q]
@@ -83,12 +92,12 @@ def test_step_snr_along_fp_trajectory_with_a_callable():
 def test_frechet_distance_closed_forms():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
-    assert abs(ev.frechet_distance(f, f)) < 1e-8
+    assert abs(frechet_distance(f, f)) < 1e-8
     shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0], dtype=torch.float64)
-    assert ev.frechet_distance(f, f + shift) == pytest.approx(float(shift.pow(2).sum()), rel=1e-8)
+    assert frechet_distance(f, f + shift) == pytest.approx(float(shift.pow(2).sum()), rel=1e-8)
     # f2 = 2 f: Σ₂ = 4 Σ₁, so FID = ‖μ₁‖² + tr Σ₁ + 4 tr Σ₁ − 4 tr Σ₁
     expected = float(f.mean(0).pow(2).sum() + torch.cov(f.T).trace())
-    assert ev.frechet_distance(f, 2 * f) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(f, 2 * f) == pytest.approx(expected, rel=1e-8)
 
 
 def test_paired_fid_delta_interval():
@@ -96,36 +105,36 @@ def test_paired_fid_delta_interval():
     mix = torch.randn(5, 5, generator=g, dtype=torch.float64)
     real = torch.randn(400, 5, generator=g, dtype=torch.float64) @ mix
     a = torch.randn(120, 5, generator=g, dtype=torch.float64) @ mix
-    same = ev.paired_fid_delta(a, a.clone(), real, boots=50)
+    same = paired_fid_delta(a, a.clone(), real, boots=50)
     assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]
     # a small perturbation of each sample: a difference within the sampling noise
-    near = ev.paired_fid_delta(a + 0.01 * torch.randn(a.shape, generator=g, dtype=torch.float64), a, real, boots=100)
+    near = paired_fid_delta(a + 0.01 * torch.randn(a.shape, generator=g, dtype=torch.float64), a, real, boots=100)
     assert near["ci95"][0] < near["delta"] < near["ci95"][1] and near["ci95"][0] <= 0 <= near["ci95"][1]
     # a shifted set is clearly worse: the whole interval is above 0
-    far = ev.paired_fid_delta(a + 2.0, a, real, boots=100)
+    far = paired_fid_delta(a + 2.0, a, real, boots=100)
     assert far["ci95"][0] > 0 and far["ci95"][0] < far["delta"] < far["ci95"][1]
     with pytest.raises(ValueError, match="one shape"):
-        ev.paired_fid_delta(a, a[:10], real)
+        paired_fid_delta(a, a[:10], real)
 
 
 def test_colour_w2_measures_casts_in_levels():
     g = torch.Generator().manual_seed(11)
     base = torch.randint(40, 200, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
-    m = ev.colour_moments(base)
+    m = colour_moments(base)
     assert m.shape == (64, 6) and m.dtype == torch.float64
     assert torch.allclose(m[:, :3], base.double().mean(dim=(2, 3))) and torch.allclose(m[:, 3:], base.double().std(dim=(2, 3)))
-    assert torch.equal(ev.colour_moments(base.float() / 255), m)   # floats in [0, 1] are the same images
-    assert ev.colour_w2(m, m.clone()) == pytest.approx(0.0, abs=1e-6)
+    assert torch.equal(colour_moments(base.float() / 255), m)   # floats in [0, 1] are the same images
+    assert colour_w2(m, m.clone()) == pytest.approx(0.0, abs=1e-6)
     red = base.clone()
     red[:, 0] += 9                                                  # a uniform cast of 9 levels on one channel
-    assert ev.colour_w2(ev.colour_moments(red), m) == pytest.approx(9.0, rel=1e-6)
+    assert colour_w2(colour_moments(red), m) == pytest.approx(9.0, rel=1e-6)
     flat = ((base.double() - 120) * 0.5 + 120).round().to(torch.uint8)   # halved contrast, same mean
-    assert ev.colour_w2(ev.colour_moments(flat), m) > 5
+    assert colour_w2(colour_moments(flat), m) > 5
     # the paired bootstrap takes it as its distance: the cast is a significant, exact difference
     other = torch.randint(40, 200, (200, 3, 8, 8), generator=g, dtype=torch.uint8)
-    d = ev.paired_fid_delta(ev.colour_moments(red), m, ev.colour_moments(other), boots=50, distance=ev.colour_w2)
-    ref = ev.colour_moments(other)
-    assert d["delta"] == pytest.approx(ev.colour_w2(ev.colour_moments(red), ref) - ev.colour_w2(m, ref))
+    d = paired_fid_delta(colour_moments(red), m, colour_moments(other), boots=50, distance=colour_w2)
+    ref = colour_moments(other)
+    assert d["delta"] == pytest.approx(colour_w2(colour_moments(red), ref) - colour_w2(m, ref))
     assert d["ci95"][0] > 0
 
 
@@ -144,7 +153,7 @@ def test_correlated_snr_check_counts_steps_with_positive_k():
             # the PTQD row whose correction check dropped k: nothing to check
             {"key": "ptqd", "status": "ok", "corrections": "bias+VSC", "snr_steps": snr([20.0, 21.0, 22.0, 23.0]),
              "ptqd_steps": [{"step": 1, "k": 0.02}]}]
-    ev.correlated_snr_check(rows)
+    correlated_snr_check(rows)
     c = rows[2]["snr_where_k_positive"]
     assert c["vs"] == "ptqd-raw" and c["steps"] == [1, 2] and c["raised"] == [1]
     assert c["mean_gain_db"] == pytest.approx((0.5 - 0.1) / 2)
@@ -159,36 +168,36 @@ def test_kernel_distance_matches_direct_mmd():
     kxx, kyy, kxy = k(x, x).numpy(), k(y, y).numpy(), k(x, y).numpy()
     m = 40
     direct = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
-    mean, std = ev.kernel_distance(x, y, subset_size=40, subsets=3)   # full sets: every subset is the same
+    mean, std = kernel_distance(x, y, subset_size=40, subsets=3)   # full sets: every subset is the same
     assert mean == pytest.approx(direct, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
     a, b = torch.randn(400, 5, generator=g), torch.randn(400, 5, generator=g)
-    same_dist, _ = ev.kernel_distance(a, b, subset_size=200, subsets=10)
-    shifted, _ = ev.kernel_distance(a, b + 0.7, subset_size=200, subsets=10)
+    same_dist, _ = kernel_distance(a, b, subset_size=200, subsets=10)
+    shifted, _ = kernel_distance(a, b + 0.7, subset_size=200, subsets=10)
     assert abs(same_dist) < shifted / 20
     with pytest.raises(ValueError, match="larger than a feature set"):
-        ev.kernel_distance(x, y, subset_size=41)
+        kernel_distance(x, y, subset_size=41)
 
 
 def test_uint8_conversion_for_the_classifier():
     g = torch.Generator().manual_seed(0)
-    gray = ev.to_uint8(torch.rand(3, 1, 28, 28, generator=g))
+    gray = to_uint8(torch.rand(3, 1, 28, 28, generator=g))
     assert gray.dtype == torch.uint8
-    one = ev.uint8_to_mnist(gray)
-    torch.testing.assert_close(one, ev.uint8_to_mnist(gray.expand(-1, 3, -1, -1)))   # gray replicated to RGB
+    one = uint8_to_mnist(gray)
+    torch.testing.assert_close(one, uint8_to_mnist(gray.expand(-1, 3, -1, -1)))   # gray replicated to RGB
     assert one.shape == (3, 1, 28, 28) and 0 <= one.min() and one.max() <= 1
-    assert ev.uint8_to_mnist(ev.to_uint8(torch.rand(2, 3, 32, 32, generator=g))).shape == (2, 1, 28, 28)
+    assert uint8_to_mnist(to_uint8(torch.rand(2, 3, 32, 32, generator=g))).shape == (2, 1, 28, 28)
     with pytest.raises(ValueError, match="expected uint8"):
-        ev.uint8_to_mnist(torch.rand(2, 1, 28, 28))
+        uint8_to_mnist(torch.rand(2, 1, 28, 28))
 
 
 def test_builtin_fid_with_classifier_features_on_real_digits():
     real = _mnist_or_skip(600)
     a, b = real[:300], real[300:]
-    fid_same = ev.fid_kid(a, b, backend="builtin", kid_subsets=10)
+    fid_same = fid_kid(a, b, backend="builtin", kid_subsets=10)
     shifted = torch.roll(a, shifts=(4, 4), dims=(2, 3))
-    fid_shifted = ev.fid_kid(shifted, b, backend="builtin", kid_subsets=10)
+    fid_shifted = fid_kid(shifted, b, backend="builtin", kid_subsets=10)
     # identical sets: 0 up to the square roots of round-off-sized eigenvalues (~1e-6 on FIDs of ~10-100)
-    assert abs(ev.fid_kid(a, a, backend="builtin", kid_subsets=2)["fid"]) < 1e-4
+    assert abs(fid_kid(a, a, backend="builtin", kid_subsets=2)["fid"]) < 1e-4
     assert fid_shifted["fid"] > 5 * fid_same["fid"] and fid_shifted["kid_mean"] > fid_same["kid_mean"]
     assert fid_same["kid_subset_size"] == 300
 
@@ -197,12 +206,12 @@ def test_torch_fidelity_registered_extractor_and_builtin_agree():
     _fidelity_or_skip()
     real = _mnist_or_skip(400)
     a, b = real[:200], real[200:]
-    assert ev.register_mnist_feature_extractor() == ev.register_mnist_feature_extractor() == ev.MNIST_FEATURES
-    same = ev.fid_kid(a, a, backend="torch-fidelity", kid_subsets=5)
+    assert register_mnist_feature_extractor() == register_mnist_feature_extractor() == MNIST_FEATURES
+    same = fid_kid(a, a, backend="torch-fidelity", kid_subsets=5)
     assert abs(same["fid"]) < 1e-3
     shifted = torch.roll(a, shifts=(4, 4), dims=(2, 3))
-    tf = ev.fid_kid(shifted, b, backend="torch-fidelity", kid_subsets=5)
-    builtin = ev.fid_kid(shifted, b, backend="builtin", kid_subsets=5)
+    tf = fid_kid(shifted, b, backend="torch-fidelity", kid_subsets=5)
+    builtin = fid_kid(shifted, b, backend="builtin", kid_subsets=5)
     assert tf["fid"] > 1.0
     assert builtin["fid"] == pytest.approx(tf["fid"], rel=1e-4)
     assert builtin["kid_mean"] == pytest.approx(tf["kid_mean"], rel=1e-4, abs=1e-7)
@@ -210,35 +219,35 @@ def test_torch_fidelity_registered_extractor_and_builtin_agree():
 
 def test_fidelity_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)   # as if not installed
-    with pytest.raises(ev.FidelityUnavailable, match=r'pip install -e "\.\[eval\]"'):
-        ev._import_torch_fidelity()
+    with pytest.raises(FidelityUnavailable, match=r'pip install -e "\.\[eval\]"'):
+        _import_torch_fidelity()
 
 
 # ---------------------------------------------------------------------------- configurations
 def test_configs_build_their_recipes_or_say_why():
     from qdcompile import QuantRecipe
 
-    assert ev.CONFIGS["fp"].recipe() is None
-    r = ev.CONFIGS["w8a8"].recipe()
+    assert CONFIGS["fp"].recipe() is None
+    r = CONFIGS["w8a8"].recipe()
     assert (r.weight_bits, r.act_bits, r.method) == (8, 8, "rtn")
-    r = ev.CONFIGS["w4a8-rtn"].recipe({"recon_iters": 7})
+    r = CONFIGS["w4a8-rtn"].recipe({"recon_iters": 7})
     assert (r.weight_bits, r.method, getattr(r, "split", False)) == (4, "rtn", False)
-    bogus = ev.EvalConfig("x", "X", "w4a8", (("weight_bits", 3),))
-    with pytest.raises(ev.NotAvailable, match="weight_bits must be 4 or 8"):
+    bogus = EvalConfig("x", "X", "w4a8", (("weight_bits", 3),))
+    with pytest.raises(NotAvailable, match="weight_bits must be 4 or 8"):
         bogus.recipe()
     for key in ("w4a8-qdiff", "w4a8-qdiff-split"):   # built, or not available with a reason
         try:
-            r = ev.CONFIGS[key].recipe()
-        except ev.NotAvailable as e:
+            r = CONFIGS[key].recipe()
+        except NotAvailable as e:
             assert str(e)
         else:
             assert r.method != "rtn" and isinstance(r, QuantRecipe)
-    assert ev.parse_recipe_set("recon_iters=20, act_lsq_iters=5,act_observer=percentile") == (
+    assert parse_recipe_set("recon_iters=20, act_lsq_iters=5,act_observer=percentile") == (
         ("recon_iters", 20), ("act_lsq_iters", 5), ("act_observer", "percentile"))
     with pytest.raises(ValueError, match="not QuantRecipe fields"):
-        ev.EvalOptions(recipe_overrides=(("recon_iter", 5),))
+        EvalOptions(recipe_overrides=(("recon_iter", 5),))
     with pytest.raises(ValueError, match="unknown configuration"):
-        ev.EvalOptions(configs=("w9a9",))
+        EvalOptions(configs=("w9a9",))
 
 
 # ---------------------------------------------------------------------------- the command
@@ -261,7 +270,7 @@ def model28(tmp_path_factory):
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="qdcompile")
-    ev.add_eval_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -327,7 +336,7 @@ def test_eval_ptqd_rows_compare_with_their_uncorrected_row(model28, tmp_path, ca
 
 
 def test_eval_command_reports_unavailable_configs(model28, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(ev.CONFIGS, "broken", ev.EvalConfig("broken", "Broken", "w4a8", (("method", "nope"),)))
+    monkeypatch.setitem(CONFIGS, "broken", EvalConfig("broken", "Broken", "w4a8", (("method", "nope"),)))
     args = _parse(["eval", "--model", str(model28), "--configs", "fp,broken", "--num-samples", "2", "--steps", "1",
                    "--no-fid", "--out", str(tmp_path), "--quiet"])
     assert args.func(args) == 0
@@ -357,14 +366,14 @@ def test_qdiff_and_simulate_give_the_same_snr(monkeypatch):
     unet, sched = tiny_unet2d(seed=2), scheduler()
     meta = calibrate(unet, sched, QuantRecipe.w8a8(), num_samples=2, num_inference_steps=2,
                                progress=False, attach=False)
-    rec = ev.TrajectoryRecorder(limit=2)
+    rec = TrajectoryRecorder(limit=2)
     sample(unet, sched, num_images=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
            progress=False, callback=rec)
     traj = rec.finish(unet)
-    with ev.quantized_model(unet, meta, "simulate") as sim:
-        by_sim = ev.step_snr(traj, sim, sched)
-    with ev.quantized_model(unet, meta, "qdiff") as fast:
-        by_qdiff = ev.step_snr(traj, fast, sched)
+    with quantized_model(unet, meta, "simulate") as sim:
+        by_sim = step_snr(traj, sim, sched)
+    with quantized_model(unet, meta, "qdiff") as fast:
+        by_qdiff = step_snr(traj, fast, sched)
     assert attached_metadata(unet) is None          # the model itself stays float
     for a, b in zip(by_sim, by_qdiff):
         assert 10 < a.snr_q < math.inf

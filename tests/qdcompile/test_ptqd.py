@@ -11,8 +11,9 @@ import torch
 from qdcompile import QuantRecipe, calibrate, load_metadata
 from qdcompile.metadata import MetadataError
 from qdcompile.pipeline import Corrections, CorrectedScheduler, QuantizedUNet, quantize_pipeline
-from qdcompile.ptqd import (StepNoise, calibrated_sigma, choose_bits, ddim_c, ddim_sigma2, ddpm_c, ddpm_sigma2,
-                            effective_eps, estimate_noise)
+from qdcompile.noise import (StepNoise, calibrated_sigma, ddim_c, ddim_sigma2, ddpm_c, ddpm_sigma2,
+                             effective_eps)
+from qdcompile.ptqd import choose_bits, estimate_noise
 from tests.equivalence import rel
 from tests.tiny_models import tiny_unet2d
 
@@ -70,7 +71,8 @@ def test_mixed_precision_picks_the_smallest_width_above_snr_f():
 def test_margin_moves_the_switch_to_earlier_noisier_steps():
     from diffusers import DDPMScheduler
 
-    from qdcompile.ptqd import StepNoise, plan_precisions, snr_f
+    from qdcompile.noise import StepNoise
+    from qdcompile.ptqd import plan_precisions, snr_f
 
     s = DDPMScheduler(num_train_timesteps=1000)
     s.set_timesteps(20)
@@ -294,8 +296,9 @@ def test_mixed_calibration_stores_variants_statistics_and_plan(mixed):
 
 
 def test_noise_statistics_on_the_quantized_samplers_own_trajectories(mixed):
-    from qdcompile.evaluate import TrajectoryRecorder
-    from qdcompile.ptqd import eps_channels, noise_statistics
+    from qdcompile.trajectory import TrajectoryRecorder
+    from qdcompile.noise import eps_channels
+    from qdcompile.ptqd import noise_statistics
     from qdcompile.sampling import sample
     from tests.tiny_models import scheduler
 

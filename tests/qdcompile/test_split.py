@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qdcompile import QuantRecipe
-from qdcompile.calibration import calibrate, collect_calibration_set, observe_ranges
+from qdcompile.calibration import calibrate, collect_calibration_set
+from qdcompile.observers import observe_ranges
 from qdcompile.kernels.quantizers import act_qparams, dequantize_weight, fake_quantize_act, weight_scales
 from qdcompile.metadata import validate_layer
 from qdcompile.simulate import dequantized_weight, fake_quant_input
