@@ -129,7 +129,9 @@ def quantized_model(unet: torch.nn.Module, meta, backend: str = "qdiff") -> Iter
     """A quantized copy of ``unet`` for ``meta`` (``unet`` itself is untouched).
 
     ``backend="qdiff"``: ``torch.compile(copy, backend="qdiff")`` — the integer kernels (on CPU
-    their pure-torch reference). ``backend="simulate"``: the fake-quant simulation of the same
+    their pure-torch reference), every quantized layer integer (``prefer_float=False``: quality is
+    measured for the recipe itself, not for the sm_90 speed choice that keeps some layers float).
+    ``backend="simulate"``: the fake-quant simulation of the same
     metadata (float math, no compilation).
     """
     if backend not in ("qdiff", "simulate"):
@@ -137,7 +139,7 @@ def quantized_model(unet: torch.nn.Module, meta, backend: str = "qdiff") -> Iter
     q = copy.deepcopy(unwrap(unet))
     if backend == "qdiff":
         attach(q, meta)
-        yield torch.compile(q, backend="qdiff")
+        yield torch.compile(q, backend="qdiff", options={"prefer_float": False})
     else:
         with simulate(q, meta) as m:
             yield m
