@@ -1,6 +1,7 @@
 """Simulated (fake-quant) evaluation built from ``meta.layers`` alone.
 
-The float model with every recorded layer's weight replaced by ``s · q`` and its input by
+The float model with every recorded layer's weight replaced by ``s · q`` (``s · (q − z)`` on the
+asymmetric grid) and its input by
 ``Δ · (q(x) − Z)`` (per part for split layers). This is what the integer kernels must
 compute, up to float rounding; calibration (AdaRound/LSQ, PTQD statistics) also runs on it.
 
@@ -26,9 +27,10 @@ from .sampling import unwrap
 
 
 def dequantized_weight(rec: LayerQuant) -> torch.Tensor:
+    """``s · q`` (symmetric) or ``s · (q − z)`` (asymmetric grid), per part for split layers."""
     if rec.split:
-        return torch.cat([dequantize_weight(p.weight_q, p.weight_scale) for p in rec.split], dim=1)
-    return dequantize_weight(rec.weight_q, rec.weight_scale)
+        return torch.cat([dequantize_weight(p.weight_q, p.weight_scale, p.weight_zero_point) for p in rec.split], dim=1)
+    return dequantize_weight(rec.weight_q, rec.weight_scale, rec.weight_zero_point)
 
 
 def fake_quant_input(rec: LayerQuant, x: torch.Tensor) -> torch.Tensor:
