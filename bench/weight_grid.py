@@ -46,11 +46,11 @@ def _layer_out(module, op: str, x: torch.Tensor, weight: torch.Tensor) -> torch.
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=16, help="calibration trajectories")
+    p.add_argument("--samples", type=int, default=8, help="calibration trajectories")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the calibration trajectories")
-    p.add_argument("--calib-steps", type=int, default=10, help="steps kept per trajectory")
-    p.add_argument("--recon-iters", type=int, default=200, help="AdaRound steps per block (both grids)")
-    p.add_argument("--batch", type=int, default=32, help="reconstruction batch size")
+    p.add_argument("--calib-steps", type=int, default=5, help="steps kept per trajectory")
+    p.add_argument("--recon-iters", type=int, default=100, help="AdaRound steps per block (both grids)")
+    p.add_argument("--batch", type=int, default=16, help="reconstruction batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=str, default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
@@ -117,8 +117,10 @@ def main(argv=None) -> int:
     for key, recipe in recipes.items():
         results[key] = {"search": measure(searched(recipe))}
         t0 = time.time()
+        print(f"calibrating {key} ...", file=sys.stderr, flush=True)
         meta = calibrate(unet, sched, recipe, attach=False, **kw)
         timings[key] = time.time() - t0
+        print(f"  {timings[key]:.0f} s", file=sys.stderr, flush=True)
         results[key]["adaround"] = measure({n: dequantized_weight(meta.layers[n]).float() for n in names})
         assert all(meta.layers[n].asymmetric == (recipe.weight_grid != "symmetric") for n in names)
 
