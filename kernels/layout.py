@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .int4 import pack_int4, unpack_int4
-from .quantizers import check_act_scale, check_bits, quantize_act, weight_qrange
+from .quantizers import check_act_scale, check_bits, check_weight_zero_point, quantize_act, weight_qrange
 
 
 class QPart(NamedTuple):
@@ -66,7 +66,7 @@ class PreparedWeight(NamedTuple):
 INT4_ON_DEVICE_MAX_M = 16
 
 
-def device_weight_bits(op: str, n: int, k: int, m_hint: int, weight_bits: int) -> int:
+def device_weight_bits(op: str, n: int, k: int, m_hint: int, weight_bits: int, asymmetric: bool = False) -> int:
     """Bits a layer's weight codes take on the device (the file keeps ``weight_bits``).
 
     4-bit layers stay packed only where the weight bytes dominate (``m_hint ≤``
@@ -74,19 +74,28 @@ def device_weight_bits(op: str, n: int, k: int, m_hint: int, weight_bits: int) -
     elsewhere the codes are unpacked once, at compile time, to int8 and run the W8A8 kernel
     (same integers, same result, the int4 unpack off the K loop). ``m_hint``: GEMM rows at
     the expected batch (tokens for a linear, ``B·OH·OW`` for a conv). Pure function of shapes.
+    Asymmetric 4-bit codes (``asymmetric``) always go to the device as int8: minus their zero
+    points they span [−15, 15], beyond a signed nibble (:func:`prepare_weight`).
     """
     check_bits(weight_bits, f"{op}: weight_bits")
+    if asymmetric:
+        return 8
     if weight_bits == 4 and m_hint > INT4_ON_DEVICE_MAX_M:
         return 8
     return weight_bits
 
 
-def prepare_weight(weight_q: torch.Tensor, bits: int, device_bits: int | None = None) -> PreparedWeight:
+def prepare_weight(weight_q: torch.Tensor, bits: int, device_bits: int | None = None,
+                   zero_point: torch.Tensor | None = None) -> PreparedWeight:
     """Reorder (conv: ``[N, C, KH, KW] → [N, KH·KW·C]``), pack (4-bit) and row-sum weight codes.
 
     ``device_bits`` (default ``bits``): 8 keeps ``bits``-bit codes as int8 on the device
     (see :func:`device_weight_bits`); the result's ``bits`` is what the kernel must be
     launched with. Done once per layer at compile time, never per call.
+
+    ``zero_point`` (int ``[N]``, 4-bit asymmetric grid): the codes are unsigned ``0 … 15`` and the
+    zero point is applied exactly here: the device codes are ``q − z`` in ``[−15, 15]`` as int8
+    (``device_bits`` must be 8), so the kernels compute ``s · Σ (q − z)·x`` unchanged.
     """
     check_bits(bits, "weight_bits")
     device_bits = bits if device_bits is None else device_bits
@@ -94,9 +103,21 @@ def prepare_weight(weight_q: torch.Tensor, bits: int, device_bits: int | None = 
         raise ValueError(f"prepare_weight: device_bits must be {bits} or 8 for {bits}-bit codes, got {device_bits}")
     if weight_q.dtype != torch.int8:
         raise TypeError(f"weight codes must be int8 (int4 unpacked to int8 values), got {weight_q.dtype}")
-    qmin, qmax = weight_qrange(bits)
+    asym = zero_point is not None
+    if asym and bits != 4:
+        raise ValueError(f"prepare_weight: a weight zero point needs 4-bit codes ({bits}-bit codes minus a zero point "
+                         "do not fit int8)")
+    if asym and device_bits != 8:
+        raise ValueError("prepare_weight: asymmetric 4-bit codes minus their zero points span [-15, 15]; they need "
+                         f"device_bits=8, got {device_bits}")
+    qmin, qmax = weight_qrange(bits, asymmetric=asym)
     if weight_q.numel() and (int(weight_q.min()) < qmin or int(weight_q.max()) > qmax):
-        raise ValueError(f"weight codes exceed the {bits}-bit range [{qmin}, {qmax}]")
+        raise ValueError(f"weight codes exceed the {bits}-bit {'asymmetric' if asym else 'signed'} range "
+                         f"[{qmin}, {qmax}]")
+    if asym:
+        check_weight_zero_point(zero_point, weight_q.shape[0], bits, "prepare_weight")
+        z = zero_point.to(weight_q.device, torch.int16).reshape(-1, *([1] * (weight_q.dim() - 1)))
+        weight_q = (weight_q.to(torch.int16) - z).to(torch.int8)
     if weight_q.dim() == 4:
         flat = weight_q.permute(0, 2, 3, 1).reshape(weight_q.shape[0], -1)
     elif weight_q.dim() == 2:

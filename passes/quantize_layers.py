@@ -149,12 +149,13 @@ def _prepared(binding: Binding, rec, device: torch.device, op: str, m_hint: int)
     precision's record."""
     key = (str(device), "weights")
     if key not in binding.prepared:
-        raw = [(p.weight_q, p.weight_scale) for p in rec.split] if rec.split else [(rec.weight_q, rec.weight_scale)]
+        raw = ([(p.weight_q, p.weight_scale, p.weight_zero_point) for p in rec.split] if rec.split
+               else [(rec.weight_q, rec.weight_scale, rec.weight_zero_point)])
         n, k = rec.weight_q.shape[0], rec.weight_q[0].numel()
-        bits = device_weight_bits(op, n, k, m_hint, rec.weight_bits)
+        bits = device_weight_bits(op, n, k, m_hint, rec.weight_bits, asymmetric=rec.asymmetric)
         weights = []
-        for wq, ws in raw:
-            pw = prepare_weight(wq, rec.weight_bits, device_bits=bits)
+        for wq, ws, wz in raw:
+            pw = prepare_weight(wq, rec.weight_bits, device_bits=bits, zero_point=wz)
             tapsum = pw.tapsum.to(device) if pw.tapsum is not None else None
             weights.append((pw.w.to(device), pw.rowsum.to(device), ws.float().to(device), tapsum))
         binding.prepared[key] = (weights, bits)
@@ -298,7 +299,7 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant:
             stats.fallback[binding.name] = reason
             continue
         if rec.act_bits is None and not rec.split:
-            deq = dequantize_weight(rec.weight_q, rec.weight_scale).to(weight.device, weight.dtype)
+            deq = dequantize_weight(rec.weight_q, rec.weight_scale, rec.weight_zero_point).to(weight.device, weight.dtype)
             node.replace_input_with(args["weight"], _const(gm, graph, node, binding.name, deq))
             binding.decisions[binding.name] = Decision(op, "float", "weight-only record: float op on the dequantized weight")
             stats.weight_only += 1
@@ -368,7 +369,10 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant:
         graph.erase_node(node)
         mode = qops.kernel_mode(weight.device)
         notes = [where or "input quantized on load, in the kernel"]
-        if weight_bits != rec.weight_bits:
+        if rec.asymmetric:
+            notes.append(f"asymmetric W{rec.weight_bits} codes minus zero points held as int{weight_bits} on the device "
+                         "(zero point subtracted once at compile time)")
+        elif weight_bits != rec.weight_bits:
             notes.append(f"W{rec.weight_bits} codes held as int{weight_bits} on the device (compute-bound layer: "
                          "no int4 MMA on the GPU, unpacked once at compile time)")
         if choice_note:

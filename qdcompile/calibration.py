@@ -8,8 +8,9 @@
 2. With ``recipe.split``, find the layers fed by a skip concatenation (:mod:`.split`).
 3. Feed the calibration set through the float model with observers on the input of
    every quantizable conv/linear (min-max or percentile; per part for split layers).
-4. Round-to-nearest records: per-output-channel symmetric weight scales (min-max or
-   MSE-searched) and per-tensor asymmetric activation quantizers (METHODS §1).
+4. Round-to-nearest records: per-output-channel weight grids, symmetric or (``recipe.weight_grid``,
+   4-bit) asymmetric with a zero point, min-max or searched (``mse``; ``qdiff-mse``: Q-Diffusion's
+   80-ratio |error|^2.4 search), and per-tensor asymmetric activation quantizers (METHODS §1).
 5. ``method="qdiffusion"``: block reconstruction (:mod:`.reconstruct`) refines the weight
    rounding (AdaRound), then the activation step sizes (LSQ), block by block.
 6. PTQD (``recipe.noise_correction`` / ``recipe.act_bits_mixed``, :mod:`.ptqd`): per-precision
@@ -31,7 +32,8 @@ import torch
 
 from .api import attach as attach_metadata
 from .io import atomic_write
-from .kernels.quantizers import act_qparams, quantize_weight, weight_qrange, weight_scales
+from .kernels.quantizers import (act_qparams, affine_qparams, quantize_weight, weight_qparams, weight_qrange,
+                                 weight_scales)
 from .layers import conv_linear_layers, unsupported_reason
 from .metadata import LayerQuant, QuantMetadata, SplitPart, model_identity, weight_digest
 from .observers import CalibrationSet, observe_ranges
@@ -101,41 +103,83 @@ def collect_calibration_set(unet, scheduler, *, num_samples: int = 64, num_infer
     return calib
 
 
-def mse_weight_scales(weight: torch.Tensor, bits: int, ratios: int = 36, lowest: float = 0.3) -> torch.Tensor:
-    """Per-output-channel symmetric scales with the clipping ratio (``lowest`` … 1 of max |W|)
-    that minimises each channel's squared rounding error; float32 ``[N]``."""
-    qmin, qmax = weight_qrange(bits)
+# Q-Diffusion's weight range search: ratios 1.00, 0.99, … 0.21 of the channel's min and max,
+# scored by the mean |error|^2.4 (its lp_loss, p = 2.4)
+QDIFF_RATIOS = tuple(1.0 - i * 0.01 for i in range(80))
+QDIFF_NORM = 2.4
+
+
+def search_weight_grid(weight: torch.Tensor, bits: int, ratios, norm: float = 2.0,
+                       asymmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-output-channel clipping search: for each ratio ``r`` (in order) the grid of the range
+    ``r · [min, max]`` (asymmetric, :func:`affine_qparams`) or ``r · max|W|`` (symmetric), kept
+    per channel where it lowers the channel's sum of ``|Ŵ − W|^norm`` (first best wins).
+    Returns scales float32 ``[N]`` and zero points int32 ``[N]`` (None when symmetric)."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
-    amax = w.abs().amax(dim=1)
-    best_err = torch.full_like(amax, float("inf"))
-    best = weight_scales(weight, bits)
-    for r in torch.linspace(1.0, lowest, ratios).tolist():
-        s = amax * r / qmax
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        err = ((torch.round(w / s[:, None]).clamp(qmin, qmax) * s[:, None] - w) ** 2).sum(dim=1)
+    if asymmetric:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        best, best_zp = weight_qparams(weight, bits)
+    else:
+        qmin, qmax = weight_qrange(bits)
+        amax = w.abs().amax(dim=1)
+        best, best_zp = weight_scales(weight, bits), None
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    for r in ratios:
+        if asymmetric:
+            s, zp = affine_qparams(lo * r, hi * r, bits)
+            q = quantize_weight(w, s, bits, zero_point=zp)
+            err_w = (q.float() - zp[:, None]) * s[:, None] - w
+        else:
+            s = amax * r / qmax
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            err_w = torch.round(w / s[:, None]).clamp(qmin, qmax) * s[:, None] - w
+        err = (err_w ** 2).sum(dim=1) if norm == 2.0 else err_w.abs().pow(norm).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
-    return best
+        if asymmetric:
+            best_zp = torch.where(better, zp, best_zp)
+    return best, best_zp
 
 
-def weight_scale_fn(recipe: QuantRecipe):
-    return mse_weight_scales if recipe.weight_observer == "mse" else weight_scales
+def mse_weight_scales(weight: torch.Tensor, bits: int, ratios: int = 36, lowest: float = 0.3) -> torch.Tensor:
+    """Per-output-channel symmetric scales with the clipping ratio (``lowest`` … 1 of max |W|)
+    that minimises each channel's squared rounding error; float32 ``[N]``."""
+    return search_weight_grid(weight, bits, torch.linspace(1.0, lowest, ratios).tolist())[0]
+
+
+def weight_grid_fn(recipe: QuantRecipe):
+    """``fn(weight, bits) → (scales [N], zero points [N] or None)``: the recipe's weight observer on
+    the grid ``recipe.weight_grid`` gives ``bits``-bit weights."""
+    def grid(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        asym = recipe.asymmetric_weights(bits)
+        if recipe.weight_observer == "minmax":
+            return weight_qparams(weight, bits) if asym else (weight_scales(weight, bits), None)
+        if recipe.weight_observer == "mse":
+            return search_weight_grid(weight, bits, torch.linspace(1.0, 0.3, 36).tolist(), asymmetric=asym)
+        return search_weight_grid(weight, bits, QDIFF_RATIOS, QDIFF_NORM, asymmetric=asym)
+    return grid
 
 
 def quantize_layer(module: torch.nn.Module, op: str, weight_bits: int, act_bits: int | None,
-                   act_range: tuple[float, float] | None, scale: Optional[torch.Tensor] = None) -> LayerQuant:
+                   act_range: tuple[float, float] | None, scale: Optional[torch.Tensor] = None,
+                   zero_point: Optional[torch.Tensor] = None) -> LayerQuant:
     """Round-to-nearest record of one layer from its weight and observed input range
-    (``scale``: per-output-channel weight scales; default min-max)."""
+    (``scale``: per-output-channel weight scales, default symmetric min-max; ``zero_point``:
+    int ``[N]`` for the asymmetric grid, with ``scale``)."""
     w = module.weight.detach()
+    if zero_point is not None and scale is None:
+        raise ValueError("quantize_layer: an asymmetric zero_point needs its scale")
     scale = (weight_scales(w, weight_bits) if scale is None else scale).float().cpu()
+    zp = None if zero_point is None else zero_point.to(torch.int32).cpu()
     act_scale = act_zp = None
     if act_bits is not None:
         act_scale, act_zp = act_qparams(act_range[0], act_range[1], act_bits)
     return LayerQuant(op=op, weight_bits=weight_bits, act_bits=act_bits,
-                      weight_q=quantize_weight(w, scale.to(w.device), weight_bits).cpu(), weight_scale=scale,
-                      act_scale=act_scale, act_zero_point=act_zp, act_range=act_range,
-                      weight_digest=weight_digest(w))
+                      weight_q=quantize_weight(w, scale.to(w.device), weight_bits,
+                                               zero_point=None if zp is None else zp.to(w.device)).cpu(),
+                      weight_scale=scale, act_scale=act_scale, act_zero_point=act_zp, act_range=act_range,
+                      weight_digest=weight_digest(w), weight_zero_point=zp)
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -189,7 +233,7 @@ class CalibrationCheckpoint:
 # ---------------------------------------------------------------------------- calibrate
 def _initial_records(layers, names, recipe: QuantRecipe, ranges, splits, fallbacks) -> dict[str, LayerQuant]:
     """Round-to-nearest records (the result for ``rtn``, the start for ``qdiffusion``)."""
-    scale_fn = weight_scale_fn(recipe)
+    grid_fn = weight_grid_fn(recipe)
     records: dict[str, LayerQuant] = {}
     for name in names:
         module, op = layers[name]
@@ -198,10 +242,10 @@ def _initial_records(layers, names, recipe: QuantRecipe, ranges, splits, fallbac
             fallbacks[name] = "never executed during calibration"
             continue
         if name in splits:
-            records[name] = quantize_split_layer(module, op, wbits, abits, splits[name], ranges[name], scale_fn)
+            records[name] = quantize_split_layer(module, op, wbits, abits, splits[name], ranges[name], grid_fn)
         else:
-            records[name] = quantize_layer(module, op, wbits, abits, ranges.get(name),
-                                           scale=scale_fn(module.weight.detach(), wbits))
+            scale, zp = grid_fn(module.weight.detach(), wbits)
+            records[name] = quantize_layer(module, op, wbits, abits, ranges.get(name), scale=scale, zero_point=zp)
     return records
 
 

@@ -22,20 +22,23 @@ from typing import Any, Iterator
 import torch
 
 from .io import atomic_write, jsonable
-from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, weight_qrange
+from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, dequantize_weight, weight_qrange
 from .layers import quantizable_layers
 from .noise import StepNoise, eps_channels, nearest
 from .recipe import QuantRecipe, layer_bits
 
 FORMAT_NAME = "qdcompile.quant_metadata"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # 2 added activation variants, PTQD noise statistics and the precision plan; 3 the space of the
 # noise statistics (a version-2 reader would apply sampler-space statistics to the U-Net output);
 # 4 the corrections the calibration's check kept (a version-3 reader would apply dropped ones);
 # 5 SHA-256 checksums of the header and of the tensor payload, and per layer whether it has a
-# weight digest (a version-4 reader would not notice flipped bytes or a removed digest)
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# weight digest (a version-4 reader would not notice flipped bytes or a removed digest);
+# 6 asymmetric 4-bit weights: per layer (and split part) weight_zero_point, one integer per output
+# channel or null (a version-5 reader would take the unsigned codes for signed ones)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 CHECKSUM_VERSION = 5
+ZERO_POINT_VERSION = 6
 # Weight scales outside (0, 2^100] are corrupt (the kernels' activation scale bound; a real
 # per-channel scale max|W|/qmax is far inside). The weight codes must also reproduce the float
 # weights the record was calibrated on: the dequantized weight's RMS within this factor of the
@@ -63,6 +66,7 @@ class SplitPart:
     act_zero_point: int
     weight_q: torch.Tensor      # int8 codes of this part's weight slice [N, channels, ...]
     weight_scale: torch.Tensor  # float32 [N]
+    weight_zero_point: torch.Tensor | None = None   # int32 [N] on the asymmetric grid (codes 0 … 2^b − 1), else None
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,8 @@ class LayerQuant:
 
     ``act_bits`` is None where the layer's input stays float (weight-only). For a
     shortcut-split layer ``split`` lists the parts; the top-level ``act_*`` are then None and
-    ``weight_q`` / ``weight_scale`` are the per-part fields concatenated along the input
-    channels (codes) and stacked (scales, ``[parts, N]``).
+    ``weight_q`` / ``weight_scale`` / ``weight_zero_point`` are the per-part fields concatenated
+    along the input channels (codes) and stacked (scales and zero points, ``[parts, N]``).
     """
 
     op: str                          # "conv2d" | "linear"
@@ -104,6 +108,9 @@ class LayerQuant:
     act_range: tuple[float, float] | None = None   # calibrated [min, max] (before widening to 0)
     weight_digest: torch.Tensor | None = None      # identifies the float weights calibrated on
     split: list[SplitPart] | None = None
+    # asymmetric grid (format 6): int32 per output channel, shaped like weight_scale ([N], split: the
+    # parts' stacked, [parts, N]); Ŵ = (weight_q − weight_zero_point) · weight_scale. None: symmetric
+    weight_zero_point: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("conv2d", "linear"):
@@ -136,6 +143,11 @@ class LayerQuant:
         a = acts[0]
         return dataclasses.replace(self, act_bits=a.act_bits, act_scale=a.act_scale, act_zero_point=a.act_zero_point,
                                    act_range=a.act_range)
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether the weights use the asymmetric grid (unsigned codes, per-channel zero point)."""
+        return self.weight_zero_point is not None
 
     def bits_label(self) -> str:
         if self.split:
@@ -265,7 +277,9 @@ class QuantMetadata:
             entry = {"op": rec.op, "weight_bits": rec.weight_bits, "act_bits": rec.act_bits,
                      "act_scale": rec.act_scale, "act_zero_point": rec.act_zero_point,
                      "act_range": list(rec.act_range) if rec.act_range is not None else None,
-                     "split": None, "weight_digest": rec.weight_digest is not None}
+                     "split": None, "weight_digest": rec.weight_digest is not None,
+                     "weight_zero_point": (_zero_point_list(rec.weight_zero_point)
+                                           if rec.weight_zero_point is not None and not rec.split else None)}
             tensors[f"{name}.weight_q"] = rec.weight_q.detach().cpu().contiguous()
             tensors[f"{name}.weight_scale"] = rec.weight_scale.detach().float().cpu().contiguous()
             if rec.weight_digest is not None:
@@ -274,7 +288,8 @@ class QuantMetadata:
                 entry["split"] = []
                 for i, part in enumerate(rec.split):
                     entry["split"].append({"channels": part.channels, "act_bits": part.act_bits,
-                                           "act_scale": part.act_scale, "act_zero_point": part.act_zero_point})
+                                           "act_scale": part.act_scale, "act_zero_point": part.act_zero_point,
+                                           "weight_zero_point": _zero_point_list(part.weight_zero_point)})
                     tensors[f"{name}.split.{i}.weight_q"] = part.weight_q.detach().cpu().contiguous()
                     tensors[f"{name}.split.{i}.weight_scale"] = part.weight_scale.detach().float().cpu().contiguous()
             header["layers"][name] = entry
@@ -339,6 +354,24 @@ def _package_version() -> str:
         return version("qdcompile")
     except Exception:  # not installed (source checkout)
         return "unknown"
+
+
+def _zero_point_list(zp: torch.Tensor | None) -> list[int] | None:
+    return None if zp is None else [int(v) for v in zp.reshape(-1).tolist()]
+
+
+def _zero_point_from(v: Any, where: str, version: int) -> torch.Tensor | None:
+    """A header's ``weight_zero_point``: null, or a list of integers (range and length are checked
+    against the layer by :func:`validate_layer`)."""
+    if v is None:
+        return None
+    if version < ZERO_POINT_VERSION:
+        raise MetadataError(f"{where}: weight_zero_point needs metadata format {ZERO_POINT_VERSION}, the file says "
+                            f"format {version}")
+    if not isinstance(v, list) or not v or not all(_is_int(x) and -2 ** 31 <= x < 2 ** 31 for x in v):
+        raise MetadataError(f"{where}: weight_zero_point must be null or a list of integers (one per output "
+                            f"channel), got {v if not isinstance(v, list) else v[:8]!r}")
+    return torch.tensor(v, dtype=torch.int32)
 
 
 def _sha256(data: bytes) -> str:
@@ -475,14 +508,21 @@ def _act_quant(d: Any, where: str, with_range: bool = True, strict: bool = False
     return ActQuant(bits, scale, zp, _act_range(d.get("act_range"), where) if with_range else None)
 
 
-_RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inputs", "noise_space")
+_RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inputs", "noise_space", "weight_grid")
 _RECIPE_LISTS = {"keep_8bit": str, "skip": str, "recon_units": str, "adaround_beta": float, "act_bits_mixed": int}
 
 
 def _recipe(d: Any, strict: bool = False) -> QuantRecipe:
     """The recipe of a header, every field of its documented type (no silent conversions);
-    ``strict`` (format 5, which writes them all): every field present, none defaulted."""
-    _fields(d, "recipe", tuple(f.name for f in dataclasses.fields(QuantRecipe)) if strict else ())
+    ``strict`` (format 5, which writes them all): every field of the recipe's version present, none
+    defaulted (fields added by later recipe versions, :data:`~qdcompile.recipe.RECIPE_FIELDS_ADDED`, are
+    absent from older recipes and read with their backward-compatible values)."""
+    from .recipe import recipe_fields_added_after
+
+    version = d.get("version") if isinstance(d, dict) else None
+    later = recipe_fields_added_after(version) if _is_int(version) else {}
+    _fields(d, "recipe", tuple(f.name for f in dataclasses.fields(QuantRecipe) if f.name not in later)
+            if strict else ())
     for key, v in d.items():
         default = {f.name: f.default for f in dataclasses.fields(QuantRecipe)}.get(key)
         where = f"recipe field {key!r}"
@@ -519,7 +559,8 @@ _HEADER_FIELDS_V5 = ("fallbacks", "calibration", "layer_order", "act_variants", 
 
 def _layer_from(name: str, entry: Any, tensors: dict[str, torch.Tensor], version: int) -> LayerQuant:
     where = f"layer {name!r}"
-    _fields(entry, where, _LAYER_FIELDS + (_LAYER_FIELDS_V5 if version >= CHECKSUM_VERSION else ()))
+    _fields(entry, where, _LAYER_FIELDS + (_LAYER_FIELDS_V5 if version >= CHECKSUM_VERSION else ())
+            + (("weight_zero_point",) if version >= ZERO_POINT_VERSION else ()))
 
     def tensor(key: str) -> torch.Tensor:
         if key not in tensors:
@@ -538,14 +579,19 @@ def _layer_from(name: str, entry: Any, tensors: dict[str, torch.Tensor], version
         if any(entry.get(k) is not None for k in ("act_bits", "act_scale", "act_zero_point", "act_range")):
             raise MetadataError(f"{where}: a split layer keeps its activation quantizers in its parts; "
                                 "act_bits/act_scale/act_zero_point/act_range must be null")
+        if entry.get("weight_zero_point") is not None:
+            raise MetadataError(f"{where}: a split layer keeps its weight zero points in its parts; "
+                                "the top-level weight_zero_point must be null")
         split = []
         for i, p in enumerate(parts):
-            aq = _act_quant(_fields(p, f"{where} split part {i}", ("channels",)), f"{where} split part {i}",
-                            with_range=False)
-            split.append(SplitPart(channels=_int(p["channels"], f"{where} split part {i}: channels", 1),
+            pwhere = f"{where} split part {i}"
+            aq = _act_quant(_fields(p, pwhere, ("channels",) + (("weight_zero_point",) if version >= ZERO_POINT_VERSION
+                                                                 else ())), pwhere, with_range=False)
+            split.append(SplitPart(channels=_int(p["channels"], f"{pwhere}: channels", 1),
                                    act_bits=aq.act_bits, act_scale=aq.act_scale, act_zero_point=aq.act_zero_point,
                                    weight_q=tensor(f"{name}.split.{i}.weight_q"),
-                                   weight_scale=tensor(f"{name}.split.{i}.weight_scale")))
+                                   weight_scale=tensor(f"{name}.split.{i}.weight_scale"),
+                                   weight_zero_point=_zero_point_from(p.get("weight_zero_point"), pwhere, version)))
     elif entry["act_bits"] is not None:
         aq = _act_quant(entry, where)
         act_bits, act_scale, act_zp = aq.act_bits, aq.act_scale, aq.act_zero_point
@@ -560,10 +606,21 @@ def _layer_from(name: str, entry: Any, tensors: dict[str, torch.Tensor], version
         if has != (key in tensors):
             raise MetadataError(f"{where}: the header {'lists' if has else 'does not list'} a weight digest, but the "
                                 f"file {'lacks' if has else 'has'} tensor {key!r}")
+    if split is None:
+        zero_point = _zero_point_from(entry.get("weight_zero_point"), where, version)
+    elif all(p.weight_zero_point is None for p in split):
+        zero_point = None
+    elif any(p.weight_zero_point is None for p in split):
+        raise MetadataError(f"{where}: either every split part has a weight_zero_point (asymmetric grid) or none")
+    elif len({p.weight_zero_point.numel() for p in split}) != 1:
+        raise MetadataError(f"{where}: the split parts' weight_zero_point lists differ in length "
+                            f"{[p.weight_zero_point.numel() for p in split]} (one per output channel each)")
+    else:
+        zero_point = torch.stack([p.weight_zero_point for p in split])
     rec = LayerQuant(op=entry["op"], weight_bits=weight_bits, act_bits=act_bits,
                      weight_q=tensor(f"{name}.weight_q"), weight_scale=tensor(f"{name}.weight_scale"),
                      act_scale=act_scale, act_zero_point=act_zp, act_range=act_range if split is None else None,
-                     weight_digest=tensors.get(key), split=split)
+                     weight_digest=tensors.get(key), split=split, weight_zero_point=zero_point)
     validate_layer(name, rec)
     return rec
 
@@ -738,6 +795,11 @@ def validate_recipe(meta: QuantMetadata) -> None:
     recipe = meta.recipe
     for name, rec in meta.layers.items():
         wbits, abits = layer_bits(name, recipe)
+        if rec.asymmetric != recipe.asymmetric_weights(rec.weight_bits):
+            raise MetadataError(f"layer {name!r} has {'asymmetric' if rec.asymmetric else 'symmetric'} weights, but "
+                                f"the recipe {recipe.name!r} (weight_grid {recipe.weight_grid!r}) gives its "
+                                f"{rec.weight_bits}-bit weights the "
+                                f"{'asymmetric' if recipe.asymmetric_weights(rec.weight_bits) else 'symmetric'} grid")
         acts = {a.act_bits for a in rec.act_quants()}
         if rec.weight_bits != wbits or acts != ({abits} if abits is not None else set()):
             raise MetadataError(f"layer {name!r} is {rec.bits_label()}, but the recipe {recipe.name!r} gives it "
@@ -768,10 +830,24 @@ def validate_layer(name: str, rec: LayerQuant, weights: bool = True) -> None:
     if q.dim() != dims or 0 in q.shape:
         raise MetadataError(f"{where}: weight_q of a {rec.op} must have {dims} non-empty dimensions, got "
                             f"shape {list(q.shape)}")
-    qmin, qmax = weight_qrange(rec.weight_bits)
-    if weights and (int(q.min()) < qmin or int(q.max()) > qmax):
-        raise MetadataError(f"{where}: weight codes outside the {rec.weight_bits}-bit range [{qmin}, {qmax}]")
+    zp = rec.weight_zero_point
     n = q.shape[0]
+    if zp is not None:
+        if rec.weight_bits != 4:
+            raise MetadataError(f"{where}: weight_zero_point on {rec.weight_bits}-bit weights; the asymmetric grid is "
+                                "for 4-bit weights only (8-bit weights are symmetric)")
+        want = (len(rec.split), n) if rec.split else (n,)
+        if not isinstance(zp, torch.Tensor) or zp.dtype != torch.int32 or tuple(zp.shape) != want:
+            raise MetadataError(f"{where}: weight_zero_point must be {want[-1]} integers (one per output channel"
+                                f"{', per split part' if rec.split else ''}), got "
+                                f"{getattr(zp, 'dtype', type(zp).__name__)} {list(getattr(zp, 'shape', []))}")
+        if int(zp.min()) < 0 or int(zp.max()) > (1 << rec.weight_bits) - 1:
+            raise MetadataError(f"{where}: weight_zero_point values must lie in the {rec.weight_bits}-bit code range "
+                                f"[0, {(1 << rec.weight_bits) - 1}], got [{int(zp.min())}, {int(zp.max())}]")
+    qmin, qmax = weight_qrange(rec.weight_bits, asymmetric=zp is not None)
+    if weights and (int(q.min()) < qmin or int(q.max()) > qmax):
+        raise MetadataError(f"{where}: weight codes outside the {rec.weight_bits}-bit "
+                            f"{'asymmetric' if zp is not None else 'signed'} range [{qmin}, {qmax}]")
     if rec.split:
         if len(rec.split) != 2:
             raise MetadataError(f"{where}: split must have 2 parts, got {len(rec.split)}")
@@ -796,6 +872,10 @@ def validate_layer(name: str, rec: LayerQuant, weights: bool = True) -> None:
                             or not torch.equal(p.weight_scale, scale[i])):
                 raise MetadataError(f"{where} split part {i}: its weight codes or scales differ from the layer's "
                                     "(weight_q / weight_scale): corrupt file")
+            if (p.weight_zero_point is None) != (zp is None) or (
+                    zp is not None and not torch.equal(p.weight_zero_point.to(torch.int32), zp[i])):
+                raise MetadataError(f"{where} split part {i}: its weight_zero_point differs from the layer's "
+                                    "(every part asymmetric with the layer's zero points, or none)")
             start += p.channels
     else:
         if tuple(scale.shape) != (n,):
@@ -818,6 +898,13 @@ def validate_layer(name: str, rec: LayerQuant, weights: bool = True) -> None:
         _check_digest(where, rec)
 
 
+def dequantized_weight(rec: LayerQuant) -> torch.Tensor:
+    """``s · q`` (symmetric) or ``s · (q − z)`` (asymmetric grid), per part for split layers."""
+    if rec.split:
+        return torch.cat([dequantize_weight(p.weight_q, p.weight_scale, p.weight_zero_point) for p in rec.split], dim=1)
+    return dequantize_weight(rec.weight_q, rec.weight_scale, rec.weight_zero_point)
+
+
 def _check_digest(where: str, rec: LayerQuant) -> None:
     """The digest is well formed and the codes reproduce the weights it describes (RMS within
     :data:`WEIGHT_RMS_TOLERANCE`; all-zero codes only for a zero weight)."""
@@ -826,10 +913,7 @@ def _check_digest(where: str, rec: LayerQuant) -> None:
             or not bool(torch.isfinite(d).all()) or float(d[0]) < 0 or float(d[1]) < 0:
         raise MetadataError(f"{where}: weight_digest must be 10 finite float32 values (mean |W|, RMS >= 0, 8 "
                             f"entries), got {getattr(d, 'dtype', type(d).__name__)} {list(getattr(d, 'shape', []))}")
-    scale = rec.weight_scale if not rec.split else torch.cat(
-        [p.weight_scale[:, None].expand(-1, p.channels) for p in rec.split], 1)
-    scale = scale.reshape(scale.shape[0], -1, *([1] * (rec.weight_q.dim() - 2)))
-    rms = float((rec.weight_q.float() * scale).pow(2).mean().sqrt())
+    rms = float(dequantized_weight(rec).pow(2).mean().sqrt())
     ref = float(d[1])
     ok = rms == 0 if ref == 0 else 1 / WEIGHT_RMS_TOLERANCE <= rms / ref <= WEIGHT_RMS_TOLERANCE
     if not ok:

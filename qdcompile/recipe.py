@@ -9,10 +9,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+# Fields each recipe version added, with the value that reproduces the behaviour of the versions
+# before it: a recipe of an older version (a dict or a metadata header) lacks them and loads with
+# these values, then reads as the current version.
+# ---- weight grid (issue 20, item 1) ----
+#   2: weight_grid (before: every weight symmetric)
+RECIPE_FIELDS_ADDED: dict[int, dict[str, Any]] = {
+    2: {"weight_grid": "symmetric"},
+}
+READABLE_RECIPE_VERSIONS = (1, 2)
 
 _OBSERVERS = ("minmax", "percentile")
-_WEIGHT_OBSERVERS = ("minmax", "mse")
+_WEIGHT_OBSERVERS = ("minmax", "mse", "qdiff-mse")
+_WEIGHT_GRIDS = ("auto", "symmetric", "asymmetric")
 _METHODS = ("rtn", "qdiffusion")
 _RECON_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "Attention")
 
@@ -26,8 +36,16 @@ class QuantRecipe:
     * ``method``: ``"rtn"`` — round-to-nearest weights, observed activation ranges;
       ``"qdiffusion"`` — block reconstruction (BRECQ): AdaRound weight rounding, then
       LSQ-style activation step sizes, block by block against the float model.
-    * ``weight_observer``: per-channel weight scale: ``"minmax"`` (max |W|) or ``"mse"``
-      (clipping ratio searched per channel for the least rounding error).
+    * ``weight_observer``: per-channel weight range: ``"minmax"`` (max |W|, or [min, max] on the
+      asymmetric grid), ``"mse"`` (clipping ratio 1.0 … 0.3 in 36 steps searched per channel for the
+      least squared rounding error) or ``"qdiff-mse"`` (Q-Diffusion's search: 80 ratios 1.00 … 0.21
+      shrinking min and max together, scored by the mean |error|^2.4).
+    * ``weight_grid`` (recipe version 2): ``"symmetric"`` (signed codes, METHODS §1),
+      ``"asymmetric"`` (Q-Diffusion's grid: unsigned codes and an integer zero point per output
+      channel) for the 4-bit layers, or ``"auto"``: asymmetric at 4 bits, symmetric at 8. 8-bit
+      layers (``keep_8bit``, W8 recipes) are always symmetric: their codes minus a zero point would
+      not fit the int8 kernels. The kernels subtract the zero point at compile time, so an
+      asymmetric 4-bit layer runs int8 codes in [−15, 15] on the device (the file stays 4-bit).
     * ``split``: shortcut-split quantization of layers fed by a channel concatenation
       (up-block ResNet ``conv_shortcut``): per-part activation quantizers and weight scales.
     * ``recon_*`` / ``adaround_*`` / ``act_lsq_*`` (``qdiffusion`` only): ``recon_iters``
@@ -117,6 +135,8 @@ class QuantRecipe:
     noise_inputs: str = "fp"
     noise_space: str = "auto"
     check_samples: int = 8
+    # ---- weight grid (recipe version 2; issue 20, item 1) ----
+    weight_grid: str = "symmetric"
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
@@ -182,12 +202,22 @@ class QuantRecipe:
             raise ValueError(f"QuantRecipe.noise_space must be 'auto', 'sampler' or 'output', got {self.noise_space!r}")
         if not isinstance(self.check_samples, int) or isinstance(self.check_samples, bool) or self.check_samples < 0:
             raise ValueError(f"QuantRecipe.check_samples must be an integer >= 0, got {self.check_samples!r}")
+        if self.weight_grid not in _WEIGHT_GRIDS:
+            raise ValueError(f"QuantRecipe.weight_grid must be one of {_WEIGHT_GRIDS}, got {self.weight_grid!r}")
+        if self.weight_grid == "asymmetric" and self.weight_bits == 8:
+            raise ValueError("QuantRecipe.weight_grid='asymmetric' applies to 4-bit weights; this recipe has "
+                             "weight_bits=8 (8-bit weights stay symmetric: the int8 kernels have no exact route for "
+                             "8-bit codes minus a zero point)")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads {RECIPE_VERSION})")
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "adaround_beta", beta)
         object.__setattr__(self, "recon_units", tuple(self.recon_units))
+
+    def asymmetric_weights(self, bits: int) -> bool:
+        """Whether a layer with ``bits``-bit weights uses the asymmetric grid (``weight_grid``)."""
+        return self.weight_grid != "symmetric" and bits <= 4
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -198,14 +228,18 @@ class QuantRecipe:
     @classmethod
     def w4a8(cls, **overrides: Any) -> "QuantRecipe":
         """4-bit weights, 8-bit activations, Q-Diffusion: block reconstruction (AdaRound +
-        LSQ) on MSE-searched weight scales, shortcut-split; first and last layers at 8 bit.
+        LSQ) on Q-Diffusion's grid (asymmetric 4-bit weights, ``weight_grid="auto"``) with its
+        clipping search (``"qdiff-mse"``), shortcut-split; first and last layers at 8 bit
+        (symmetric).
 
-        ``w4a8(method="rtn", split=False)`` is the linear-quantization baseline (min-max
+        ``w4a8(method="rtn", split=False)`` is the linear-quantization baseline (symmetric min-max
         weight scales, round to nearest); ``w4a8(method="rtn")`` keeps the split.
         """
         method = overrides.get("method", "qdiffusion")
+        qdiff = method == "qdiffusion"
         return cls(**{"name": "w4a8", "weight_bits": 4, "act_bits": 8, "method": method, "split": True,
-                      "weight_observer": "mse" if method == "qdiffusion" else "minmax",
+                      "weight_observer": "qdiff-mse" if qdiff else "minmax",
+                      "weight_grid": "auto" if qdiff else "symmetric",
                       "keep_8bit": ("conv_in", "conv_out"), **overrides})
 
     @classmethod
@@ -246,10 +280,23 @@ class QuantRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantRecipe":
+        """A recipe from :meth:`to_dict`'s form; an older version's recipe (see
+        :data:`RECIPE_FIELDS_ADDED`) gets the values that keep its behaviour and reads as the
+        current version."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"QuantRecipe: unknown fields {sorted(unknown)} (written by a newer qdcompile?)")
+        version = d.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            if version not in READABLE_RECIPE_VERSIONS:
+                raise ValueError(f"QuantRecipe version {version!r} is not supported (this qdcompile reads "
+                                 f"{list(READABLE_RECIPE_VERSIONS)})")
+            added = recipe_fields_added_after(version)
+            present = sorted(set(added) & set(d))
+            if present:
+                raise ValueError(f"QuantRecipe version {version} cannot have fields {present} (added in a later version)")
+            d = {**d, **added, "version": RECIPE_VERSION}
         return cls(**d)
 
     def to_json(self) -> str:
@@ -271,3 +318,8 @@ def layer_bits(name: str, recipe: QuantRecipe) -> tuple[int, int | None]:
     if matches(name, recipe.keep_8bit):
         return 8, (8 if recipe.act_bits is not None else None)
     return recipe.weight_bits, recipe.act_bits
+
+
+def recipe_fields_added_after(version: int) -> dict[str, Any]:
+    """The fields recipe versions after ``version`` added, with their backward-compatible values."""
+    return {k: v for ver, fields in sorted(RECIPE_FIELDS_ADDED.items()) if ver > version for k, v in fields.items()}

@@ -11,7 +11,8 @@ of its own. Units are reconstructed in forward order. For each unit:
   outputs on float inputs. So each unit learns to undo the error that reaches it from
   upstream, as in BRECQ/Q-Diffusion, and is tuned on the inputs it will really see.
 * **Weights (AdaRound).** With the unit's activations in float, a soft rounding variable
-  ``V`` per weight gives ``Ŵ = s · clamp(floor(W/s) + h(V), qmin, qmax)``,
+  ``V`` per weight gives ``Ŵ = s · clamp(floor(W/s) + h(V), qmin, qmax)`` (on the asymmetric grid
+  ``Ŵ = s · (clamp(floor(W/s) + h(V) + z, 0, 2^b − 1) − z)``),
   ``h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1)``, initialised so that ``Ŵ = W`` (inside the clipping range). Adam
   minimises the unit-output error plus ``λ · Σ 1 − |2h(V) − 1|^β``; the regularizer is off
   for a warm-up fraction, then ``β`` falls linearly from 20 to 2, pushing every ``h`` to 0
@@ -51,7 +52,7 @@ from .kernels.quantizers import act_qmax, quantize_weight, weight_qrange
 from .metadata import LayerQuant, QuantMetadata
 from .recipe import QuantRecipe
 from .simulate import simulate
-from .split import scale_map
+from .split import scale_map, zero_point_map
 from .sampling import call_unet, unwrap
 
 logger = logging.getLogger(__name__)
@@ -263,7 +264,9 @@ class _QLayer:
         w = module.weight.detach().float()
         self.w, self.s = w, scale_map(rec).to(w.device)
         self.floor = torch.floor(w / self.s)
-        self.qmin, self.qmax = weight_qrange(rec.weight_bits)
+        self.qmin, self.qmax = weight_qrange(rec.weight_bits, asymmetric=rec.asymmetric)
+        zp = zero_point_map(rec)
+        self.z = zp.to(w.device) if zp is not None else torch.zeros((), device=w.device)
         self.codes = rec.weight_q.to(w.device).float()
         self.v: Optional[nn.Parameter] = None
         if rec.split:
@@ -279,7 +282,7 @@ class _QLayer:
         return f"{self.key}.weight" if self.key else "weight"
 
     def weight(self) -> torch.Tensor:
-        return self.s * self.codes
+        return self.s * (self.codes - self.z)
 
     def init_rounding(self) -> None:
         rest = self.w / self.s - self.floor
@@ -289,7 +292,7 @@ class _QLayer:
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def soft_weight(self) -> torch.Tensor:
-        return self.s * torch.clamp(self.floor + self.h(), self.qmin, self.qmax)
+        return self.s * (torch.clamp(self.floor + self.h() + self.z, self.qmin, self.qmax) - self.z)
 
     def adopt_rounding(self) -> None:
         """Hard-round ``V`` into ``rounding_offset`` and store the codes (per part)."""
@@ -297,12 +300,15 @@ class _QLayer:
         rec = self.rec
         if rec.split:
             sizes = [p.channels for p in rec.split]
-            parts = [dataclasses.replace(p, weight_q=quantize_weight(w, p.weight_scale.to(w.device), rec.weight_bits,
-                                                                     rounding_offset=o).cpu())
+            parts = [dataclasses.replace(p, weight_q=quantize_weight(
+                         w, p.weight_scale.to(w.device), rec.weight_bits, rounding_offset=o,
+                         zero_point=None if p.weight_zero_point is None else p.weight_zero_point.to(w.device)).cpu())
                      for p, w, o in zip(rec.split, torch.split(self.w, sizes, 1), torch.split(offset, sizes, 1))]
             self.rec = dataclasses.replace(rec, split=parts, weight_q=torch.cat([p.weight_q for p in parts], 1))
         else:
-            codes = quantize_weight(self.w, rec.weight_scale.to(self.w.device), rec.weight_bits, rounding_offset=offset)
+            zp = None if rec.weight_zero_point is None else rec.weight_zero_point.to(self.w.device)
+            codes = quantize_weight(self.w, rec.weight_scale.to(self.w.device), rec.weight_bits, rounding_offset=offset,
+                                    zero_point=zp)
             self.rec = dataclasses.replace(rec, weight_q=codes.cpu())
         self.codes = self.rec.weight_q.to(self.w.device).float()
 

@@ -1,6 +1,7 @@
 """Simulated (fake-quant) evaluation built from ``meta.layers`` alone.
 
-The float model with every recorded layer's weight replaced by ``s · q`` and its input by
+The float model with every recorded layer's weight replaced by ``s · q`` (``s · (q − z)`` on the
+asymmetric grid) and its input by
 ``Δ · (q(x) − Z)`` (per part for split layers). This is what the integer kernels must
 compute, up to float rounding; calibration (AdaRound/LSQ, PTQD statistics) also runs on it.
 
@@ -20,15 +21,9 @@ from typing import Iterator
 
 import torch
 
-from .kernels.quantizers import dequantize_weight, fake_quantize_act
-from .metadata import LayerQuant, QuantMetadata
+from .kernels.quantizers import fake_quantize_act
+from .metadata import LayerQuant, QuantMetadata, dequantized_weight  # noqa: F401  (re-exported)
 from .sampling import unwrap
-
-
-def dequantized_weight(rec: LayerQuant) -> torch.Tensor:
-    if rec.split:
-        return torch.cat([dequantize_weight(p.weight_q, p.weight_scale) for p in rec.split], dim=1)
-    return dequantize_weight(rec.weight_q, rec.weight_scale)
 
 
 def fake_quant_input(rec: LayerQuant, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from .kernels.quantizers import act_qparams, quantize_weight
 from .metadata import LayerQuant, SplitPart, weight_digest
 from .sampling import call_unet, unwrap
 
-ScaleFn = Callable[[torch.Tensor, int], torch.Tensor]
+# weight slice, bits → (per-output-channel scales [N], zero points int32 [N] or None for symmetric)
+GridFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 def _skip_tensors(args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -81,24 +82,41 @@ def scale_map(rec: LayerQuant) -> torch.Tensor:
     return torch.cat([p.weight_scale.float().reshape(-1, 1, *tail).expand(-1, p.channels, *tail) for p in rec.split], 1)
 
 
+def zero_point_map(rec: LayerQuant) -> torch.Tensor | None:
+    """Per-weight-element zero point of an asymmetric record (float32, shaped like
+    :func:`scale_map`), or None for a symmetric one."""
+    if rec.weight_zero_point is None:
+        return None
+    tail = [1] * (rec.weight_q.dim() - 2)
+    if not rec.split:
+        return rec.weight_zero_point.float().reshape(-1, 1, *tail)
+    return torch.cat([p.weight_zero_point.float().reshape(-1, 1, *tail).expand(-1, p.channels, *tail)
+                      for p in rec.split], 1)
+
+
 def quantize_split_layer(module: torch.nn.Module, op: str, weight_bits: int, act_bits: int,
                          channels: tuple[int, ...], part_ranges: list[tuple[float, float]],
-                         scale_fn: ScaleFn) -> LayerQuant:
+                         grid_fn: GridFn) -> LayerQuant:
     """Round-to-nearest split record: per part, an activation quantizer from its range and
-    per-output-channel weight scales (``scale_fn(weight slice, bits)``) of its weight slice."""
+    per-output-channel weight scales and zero points (``grid_fn(weight slice, bits)``) of its
+    weight slice."""
     w = module.weight.detach()
     if sum(channels) != w.shape[1] or len(part_ranges) != len(channels):
         raise ValueError(f"split parts {list(channels)} do not fit a weight with {w.shape[1]} input channels "
                          f"(or {len(part_ranges)} ranges given)")
     parts = []
     for w_part, rng in zip(torch.split(w, list(channels), dim=1), part_ranges):
-        scale = scale_fn(w_part, weight_bits)
+        got = grid_fn(w_part, weight_bits)
+        scale, zp = got if isinstance(got, tuple) else (got, None)   # a bare tensor: symmetric scales
         a_scale, a_zp = act_qparams(rng[0], rng[1], act_bits)
         parts.append(SplitPart(channels=w_part.shape[1], act_bits=act_bits, act_scale=a_scale, act_zero_point=a_zp,
-                               weight_q=quantize_weight(w_part, scale, weight_bits).cpu(),
-                               weight_scale=scale.float().cpu()))
+                               weight_q=quantize_weight(w_part, scale, weight_bits, zero_point=zp).cpu(),
+                               weight_scale=scale.float().cpu(),
+                               weight_zero_point=None if zp is None else zp.to(torch.int32).cpu()))
+    asym = parts[0].weight_zero_point is not None
     return LayerQuant(op=op, weight_bits=weight_bits, act_bits=None,
                       weight_q=torch.cat([p.weight_q for p in parts], 1),
                       weight_scale=torch.stack([p.weight_scale for p in parts]),
                       act_scale=None, act_zero_point=None, act_range=None,
-                      weight_digest=weight_digest(w), split=parts)
+                      weight_digest=weight_digest(w), split=parts,
+                      weight_zero_point=torch.stack([p.weight_zero_point for p in parts]) if asym else None)

@@ -201,8 +201,10 @@ def fake_quant64(model, meta, *args, follow=None, tie_tol: float = 1e-3, input_t
 
     for name, rec in meta.layers.items():
         mod = modules[name]
-        ws = [(p.weight_q, p.weight_scale) for p in rec.split] if rec.split else [(rec.weight_q, rec.weight_scale)]
-        mod.weight.data = torch.cat([q.double() * s.double().reshape(-1, *[1] * (q.dim() - 1)) for q, s in ws], 1)
+        ws = ([(p.weight_q, p.weight_scale, p.weight_zero_point) for p in rec.split] if rec.split
+              else [(rec.weight_q, rec.weight_scale, rec.weight_zero_point)])
+        mod.weight.data = torch.cat([(q.double() - (0 if z is None else z.double().reshape(-1, *[1] * (q.dim() - 1))))
+                                     * s.double().reshape(-1, *[1] * (q.dim() - 1)) for q, s, z in ws], 1)
         if _record_parts(rec):
             mod.register_forward_pre_hook(hook(name, rec))
     cast = [v.double() if torch.is_tensor(v) and v.is_floating_point() else v for v in args]

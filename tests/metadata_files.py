@@ -1,6 +1,7 @@
 """Real ``.qdiff`` files of the three kinds (W8A8; W4A8 with split layers; mixed precision with
-PTQD statistics) from quick calibrations of the tiny U-Net, and raw access to their parts
-(header JSON, tensors) for tests that edit them."""
+PTQD statistics) from quick calibrations of the tiny U-Net, a file of the previous format (5:
+symmetric weights, recipe version 1), and raw access to their parts (header JSON, tensors) for
+tests that edit them."""
 
 from __future__ import annotations
 
@@ -33,6 +34,31 @@ def calibrated_file(kind: str, folder: Path, seed: int = 1) -> tuple[object, Pat
     meta = qdcompile.calibrate(unet, scheduler(), recipe_of(kind), num_samples=2, num_inference_steps=3,
                                progress=False, attach=False)
     return unet, meta.save(Path(folder) / f"tiny.{kind}.qdiff")
+
+
+def previous_format_file(folder: Path, seed: int = 1) -> tuple[object, Path, Path]:
+    """``(unet, format-5 path, current-format path)``: the mixed-precision PTQD recipe as format 5
+    knew it (symmetric weights, MSE-searched scales, recipe version 1) calibrated once and written as
+    format 5 wrote it (no ``weight_zero_point`` fields, no ``weight_grid`` in the recipe), and the
+    same calibration saved by this qdcompile."""
+    import qdcompile
+    from qdcompile import QuantRecipe
+
+    unet = tiny_unet2d(seed=seed)
+    recipe = QuantRecipe.mixed(recon_iters=2, act_lsq_iters=1, recon_batch_size=2, noise_samples=1, check_samples=0,
+                               weight_grid="symmetric", weight_observer="mse")
+    meta = qdcompile.calibrate(unet, scheduler(), recipe, num_samples=2, num_inference_steps=3,
+                               progress=False, attach=False)
+    current = meta.save(Path(folder) / "tiny.mixed-v6.qdiff")
+    file_meta, header, tensors = read_parts(current)
+    for entry in header["layers"].values():
+        assert entry.pop("weight_zero_point") is None
+        for part in entry["split"] or ():
+            assert part.pop("weight_zero_point") is None
+    header["recipe"].pop("weight_grid")
+    header["recipe"]["version"] = 1
+    file_meta["format_version"] = "5"
+    return unet, write_parts(Path(folder) / "tiny.mixed-v5.qdiff", file_meta, header, tensors), current
 
 
 def read_parts(path) -> tuple[dict, dict, dict]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from qdcompile.calibration import quantize_layer
+from qdcompile.kernels.quantizers import weight_qparams
 from qdcompile.passes import registry
 from qdcompile.passes.backend import last_rewrite_stats
 
@@ -24,15 +25,17 @@ class _Small(torch.nn.Module):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter route")
-@pytest.mark.parametrize("weight_bits", [8, 4])
-def test_compiled_graph_runs_triton_kernels(monkeypatch, weight_bits):
+@pytest.mark.parametrize("weight_bits,asymmetric", [(8, False), (4, False), (4, True)], ids=["w8", "w4", "w4-asym"])
+def test_compiled_graph_runs_triton_kernels(monkeypatch, weight_bits, asymmetric):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton interpreter must be enabled before triton is imported (tests/conftest.py does)")
     torch.manual_seed(weight_bits)
     m = _Small().eval()
     decisions = {}
     for name, mod, rng in (("conv", m.conv, (-3.0, 3.0)), ("proj", m.proj, (-0.3, 2.5))):
-        rec = quantize_layer(mod, "conv2d" if name == "conv" else "linear", weight_bits, 8, rng)
+        grid = weight_qparams(mod.weight.detach(), weight_bits) if asymmetric else (None, None)
+        rec = quantize_layer(mod, "conv2d" if name == "conv" else "linear", weight_bits, 8, rng, *grid)
+        assert rec.asymmetric == asymmetric
         registry.bind(mod.weight, registry.Binding(name, rec, decisions))
     x = torch.randn(2, 3, 8, 8)
     monkeypatch.setenv("QDCOMPILE_KERNELS", "triton")
@@ -40,6 +43,7 @@ def test_compiled_graph_runs_triton_kernels(monkeypatch, weight_bits):
         out = torch.compile(m, backend="qdiff", fullgraph=True)(x)
     assert last_rewrite_stats().rewritten == 2
     assert decisions["conv"].kernel == "qdiff.qconv2d [triton]" and decisions["proj"].kernel == "qdiff.qlinear [triton]"
+    assert ("zero points held as int8" in decisions["conv"].reason) == asymmetric
     monkeypatch.setenv("QDCOMPILE_KERNELS", "reference")
     torch._dynamo.reset()
     with torch.no_grad():

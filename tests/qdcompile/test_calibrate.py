@@ -21,10 +21,15 @@ def test_presets_for_q_diffusion():
     w8 = QuantRecipe.w8a8()
     assert (w8.method, w8.weight_observer, w8.split) == ("rtn", "minmax", False)
     q = QuantRecipe.w4a8()
-    assert (q.method, q.weight_observer, q.split, q.weight_bits, q.act_bits) == ("qdiffusion", "mse", True, 4, 8)
+    assert (q.method, q.weight_observer, q.split, q.weight_bits, q.act_bits) == ("qdiffusion", "qdiff-mse", True, 4, 8)
+    assert q.weight_grid == "auto" and q.asymmetric_weights(4) and not q.asymmetric_weights(8)
+    for preset in (QuantRecipe.ptqd(), QuantRecipe.mixed()):
+        assert (preset.weight_grid, preset.weight_observer) == ("auto", "qdiff-mse")
     assert {"conv_in", "conv_out"} <= set(q.keep_8bit)
     linear = QuantRecipe.w4a8(method="rtn", split=False)
-    assert (linear.method, linear.weight_observer, linear.split) == ("rtn", "minmax", False)
+    assert (linear.method, linear.weight_observer, linear.split, linear.weight_grid) == \
+        ("rtn", "minmax", False, "symmetric")
+    assert QuantRecipe.w4a4().weight_grid == "symmetric" and QuantRecipe.w8a8().weight_grid == "symmetric"
     back = QuantRecipe.from_json(q.to_json())
     assert back == q and isinstance(back.adaround_beta, tuple) and isinstance(back.recon_units, tuple)
 
@@ -34,6 +39,12 @@ def test_version_1_dicts_without_the_new_fields_still_load():
            "act_percentile": 99.99, "keep_8bit": ["conv_in", "conv_out"], "skip": [], "version": 1}
     r = QuantRecipe.from_dict(old)
     assert (r.method, r.split, r.weight_observer) == ("rtn", False, "minmax")
+    # version 1 knew only symmetric weights: it reads as version 2 with weight_grid="symmetric"
+    q = QuantRecipe.from_dict({**{k: v for k, v in QuantRecipe.w4a8().to_dict().items() if k != "weight_grid"},
+                               "version": 1})
+    assert (q.version, q.weight_grid) == (2, "symmetric") and not q.asymmetric_weights(4)
+    with pytest.raises(ValueError, match=r"version 1 cannot have fields \['weight_grid'\]"):
+        QuantRecipe.from_dict({**QuantRecipe.w4a8().to_dict(), "version": 1})
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -51,6 +62,9 @@ def test_version_1_dicts_without_the_new_fields_still_load():
     ({"adaround_beta": (2, 20)}, "adaround_beta"),
     ({"adaround_beta": 20}, "adaround_beta"),
     ({"recon_units": "ResnetBlock2D"}, "recon_units"),
+    ({"weight_grid": "signed"}, "weight_grid must be one of"),
+    ({"weight_grid": "asymmetric", "weight_bits": 8}, "weight_grid='asymmetric' applies to 4-bit weights"),
+    ({"weight_observer": "qdiff"}, "weight_observer must be one of"),
 ])
 def test_recipe_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -105,6 +119,80 @@ def test_mse_weight_scales_lower_the_4bit_weight_error():
     assert bool((err["mse"] <= err["minmax"] + 1e-7).all()) and err["mse"].sum() < 0.9 * err["minmax"].sum()
 
 
+def _qdiff_reference_search(w: torch.Tensor, bits: int):
+    """Q-Diffusion's channel-wise MSE range search written out per channel and per ratio: ratio
+    1 − 0.01·i (i < 80) of the channel's min and max, score mean |Ŵ − W|^2.4, first best kept."""
+    qmax = 2 ** bits - 1
+    best = []
+    for row in w.float():
+        lo, hi = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
+        scores = []
+        for i in range(80):
+            r = 1.0 - i * 0.01
+            delta = torch.tensor((hi * r - lo * r) / qmax, dtype=torch.float32)
+            zp = torch.clamp(torch.round(torch.tensor(-lo * r, dtype=torch.float32) / delta), 0, qmax)
+            q = torch.clamp(torch.round(row / delta) + zp, 0, qmax)
+            scores.append(float(((q - zp) * delta - row).abs().pow(2.4).mean()))
+        best.append(min(scores))
+    return torch.tensor(best)
+
+
+def test_qdiff_mse_search_is_q_diffusions_and_beats_the_symmetric_grid():
+    from qdcompile.calibration import QDIFF_RATIOS, weight_grid_fn
+
+    g = torch.Generator().manual_seed(3)
+    # skewed, heavy-tailed channels (an asymmetric grid pays off where min and max differ)
+    w = torch.randn(24, 144, generator=g).pow(3) * torch.rand(24, 1, generator=g) + 0.3 * torch.rand(24, 1, generator=g)
+    assert len(QDIFF_RATIOS) == 80 and QDIFF_RATIOS[0] == 1.0 and abs(QDIFF_RATIOS[-1] - 0.21) < 1e-12
+    recipe = QuantRecipe.w4a8()
+    s, z = weight_grid_fn(recipe)(w, 4)
+    assert s.dtype == torch.float32 and z.dtype == torch.int32 and s.shape == z.shape == (24,)
+    assert int(z.min()) >= 0 and int(z.max()) <= 15
+    q = quantize_weight(w, s, 4, zero_point=z)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    score = (dequantize_weight(q, s, z) - w).abs().pow(2.4).mean(1)
+    torch.testing.assert_close(score, _qdiff_reference_search(w, 4), rtol=1e-5, atol=0)
+    # per channel no worse than the asymmetric min-max grid, and the squared error below the
+    # symmetric MSE search's (the previous W4 default) on these channels
+    s0, z0 = weight_grid_fn(QuantRecipe.w4a8(weight_observer="minmax"))(w, 4)
+    minmax = (dequantize_weight(quantize_weight(w, s0, 4, zero_point=z0), s0, z0) - w).abs().pow(2.4).mean(1)
+    assert bool((score <= minmax * (1 + 1e-6)).all())
+    ss = mse_weight_scales(w, 4)
+    sym = (dequantize_weight(quantize_weight(w, ss, 4), ss) - w).pow(2).sum()
+    assert float((dequantize_weight(q, s, z) - w).pow(2).sum()) < 0.9 * float(sym)
+    # 8-bit layers of the same recipe (keep_8bit) stay symmetric
+    s8, z8 = weight_grid_fn(recipe)(w, 8)
+    assert z8 is None and s8.shape == (24,)
+
+
+def test_asymmetric_weight_quantizer_follows_methods():
+    """q = clamp(round(W/s) + z, 0, 15), Ŵ = s·(q − z); AdaRound offsets floor instead of round;
+    bad zero points are refused with what was expected."""
+    from qdcompile.kernels.quantizers import weight_qparams
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 3, 3, 3, generator=g) + torch.randn(6, 1, 1, 1, generator=g)
+    s, z = weight_qparams(w, 4)
+    flat = w.reshape(6, -1)
+    lo, hi = flat.amin(1).clamp(max=0), flat.amax(1).clamp(min=0)
+    torch.testing.assert_close(s, (hi - lo) / 15, rtol=0, atol=0)
+    assert torch.equal(z, torch.clamp(-torch.round(lo / s), 0, 15).to(torch.int32))
+    q = quantize_weight(w, s, 4, zero_point=z)
+    want = torch.clamp(torch.round(w / s.reshape(-1, 1, 1, 1)) + z.reshape(-1, 1, 1, 1), 0, 15)
+    assert torch.equal(q, want.to(torch.int8))
+    assert torch.equal(dequantize_weight(q, s, z), (want - z.reshape(-1, 1, 1, 1)) * s.reshape(-1, 1, 1, 1))
+    # min-max grid: every weight within half a step of its dequantized value
+    assert float((dequantize_weight(q, s, z) - w).abs().max()) <= float(s.max()) / 2 * (1 + 1e-5)
+    offset = (torch.rand(w.shape, generator=g) > 0.5).float()
+    qa = quantize_weight(w, s, 4, rounding_offset=offset, zero_point=z)
+    want = torch.clamp(torch.floor(w / s.reshape(-1, 1, 1, 1)) + offset + z.reshape(-1, 1, 1, 1), 0, 15)
+    assert torch.equal(qa, want.to(torch.int8))
+    with pytest.raises(ValueError, match=r"zero points must lie in the 4-bit code range \[0, 15\]"):
+        quantize_weight(w, s, 4, zero_point=z + 16)
+    with pytest.raises(ValueError, match=r"zero point must be an integer tensor of shape \[6\]"):
+        quantize_weight(w, s, 4, zero_point=z[:5])
+
+
 # ---------------------------------------------------------------------------- end to end
 _FAST = dict(recon_iters=40, act_lsq_iters=10, recon_batch_size=8)
 
@@ -148,6 +236,11 @@ def test_qdiffusion_split_calibration_round_trips_and_compiles_to_the_simulation
                [(p.channels, p.act_scale, p.act_zero_point) for p in rec.split or []]
         for p, q in zip(got.split or [], rec.split or []):
             assert torch.equal(p.weight_q, q.weight_q) and torch.equal(p.weight_scale, q.weight_scale)
+            assert torch.equal(p.weight_zero_point, q.weight_zero_point)
+        # the preset's 4-bit layers are asymmetric (Q-Diffusion's grid), its 8-bit ones symmetric
+        assert rec.asymmetric == (rec.weight_bits == 4) and got.asymmetric == rec.asymmetric
+        if rec.asymmetric:
+            assert torch.equal(got.weight_zero_point, rec.weight_zero_point)
 
     g = torch.Generator().manual_seed(5)
     c, s = unet.config.in_channels, unet.config.sample_size
@@ -162,4 +255,5 @@ def test_qdiffusion_split_calibration_round_trips_and_compiles_to_the_simulation
         out = fast(x, t, **kw).sample
     assert last_rewrite_stats().split == 4 and not last_rewrite_stats().fallback
     assert str(report(fast)).count("qconv2d_split") == 4
+    assert "asymmetric W4 codes minus zero points held as int8" in str(report(fast))
     assert_matches_simulation(out, unet, back, x, t, **kw)

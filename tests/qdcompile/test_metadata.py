@@ -182,6 +182,25 @@ HEADER_CASES = [   # (file kind, header edit, the message naming the field and w
     ("w4a8-split", _set(("layers", SPLIT, "split", 0, "channels"), 31), r"split part channels \[31, 32\] do not add up"),
     ("w4a8-split", _set(("layers", SPLIT, "split"), [{"channels": 64, "act_bits": 8, "act_scale": 0.1,
                                                         "act_zero_point": 3}]), "split must list 2 parts"),
+    ("w4a8-split", lambda h: h["layers"][CONV].update(weight_zero_point=h["layers"][CONV]["weight_zero_point"][:-1]),
+     f"layer '{CONV}': weight_zero_point must be \\d+ integers \\(one per output channel\\), got torch.int32"),
+    ("w4a8-split", lambda h: h["layers"][CONV]["weight_zero_point"].__setitem__(0, 16),
+     f"layer '{CONV}': weight_zero_point values must lie in the 4-bit code range \\[0, 15\\], got \\[\\d+, 16\\]"),
+    ("w4a8-split", lambda h: h["layers"][CONV]["weight_zero_point"].__setitem__(0, -1), r"code range \[0, 15\], got \[-1"),
+    ("w4a8-split", lambda h: h["layers"][CONV]["weight_zero_point"].__setitem__(0, 7.5),
+     f"layer '{CONV}': weight_zero_point must be null or a list of integers"),
+    ("w4a8-split", _set(("layers", CONV, "weight_zero_point"), None),
+     f"layer '{CONV}'(: weight codes outside the 4-bit signed range| has symmetric weights, but the recipe)"),
+    ("w4a8-split", _set(("layers", CONV, "weight_zero_point"), "8"), "weight_zero_point must be null or a list"),
+    ("w4a8-split", lambda h: h["layers"][CONV].pop("weight_zero_point"), r"missing field\(s\) \['weight_zero_point'\]"),
+    ("w4a8-split", _set(("layers", SPLIT, "split", 1, "weight_zero_point"), None),
+     f"layer '{SPLIT}': either every split part has a weight_zero_point"),
+    ("w4a8-split", _set(("layers", SPLIT, "weight_zero_point"), [1]), "top-level weight_zero_point must be null"),
+    ("w4a8-split", _set(("recipe", "weight_grid"), "symmetric"), "has asymmetric weights, but the recipe 'w4a8' "
+                                                                 "\\(weight_grid 'symmetric'\\)"),
+    ("w4a8-split", _set(("recipe", "weight_grid"), "diagonal"), "weight_grid must be one of"),
+    ("w8a8", lambda h: h["layers"][CONV].update(weight_zero_point=[0] * 8),
+     f"layer '{CONV}': weight_zero_point on 8-bit weights"),
     ("mixed-ptqd", _set(("noise", "8", 0, "k"), float("nan")), r"A8 step 0: k must be a finite number"),
     ("mixed-ptqd", _set(("noise", "8", 1, "k"), -1.0), r"k must lie in \[0.0, inf\]"),
     ("mixed-ptqd", _set(("noise", "4", 0, "var"), -1.0), r"A4 step 0: var must lie in \[0.0, inf\]"),
@@ -250,9 +269,38 @@ def test_checksums_catch_any_edit(metadata_files, tmp_path):
         qdcompile.load_metadata(_rewrite(path, tmp_path, meta_fn=lambda m: m.pop("payload_sha256"), reseal=False))
 
 
-def test_version_4_files_still_load(metadata_files, tmp_path):
+@pytest.fixture(scope="module")
+def previous_format(tmp_path_factory):
+    from metadata_files import previous_format_file
+
+    return previous_format_file(tmp_path_factory.mktemp("qdiff-v5"))
+
+
+def test_previous_format_files_still_load(previous_format):
+    """A format-5 file (symmetric weights, recipe version 1 without weight_grid) loads with the
+    symmetric grid and the same records as the current format's file of the same calibration."""
+    unet, v5, v6 = previous_format
+    old, new = qdcompile.load_metadata(v5), qdcompile.load_metadata(v6)
+    assert old.format_version == 5 and new.format_version == 6
+    assert old.recipe == new.recipe and old.recipe.weight_grid == "symmetric" and old.recipe.version == 2
+    assert old.noise == new.noise and old.precision_plan == new.precision_plan and old.act_variants == new.act_variants
+    for name, rec in new.layers.items():
+        assert rec.weight_zero_point is None and old.layers[name].weight_zero_point is None
+        assert torch.equal(old.layers[name].weight_q, rec.weight_q)
+        assert torch.equal(old.layers[name].weight_scale, rec.weight_scale)
+    qdcompile.attach(unet, old)
+
+
+def test_zero_points_need_format_6(previous_format, tmp_path):
+    _, v5, _ = previous_format
+    edited = _rewrite(v5, tmp_path, header_fn=_set(("layers", CONV, "weight_zero_point"), [1, 2]))
+    with pytest.raises(MetadataError, match=f"layer '{CONV}': weight_zero_point needs metadata format 6"):
+        qdcompile.load_metadata(edited)
+
+
+def test_version_4_files_still_load(previous_format, tmp_path):
     """A file as format 4 wrote it (no checksums, no digest flags) loads to the same records."""
-    _, path = metadata_files["mixed-ptqd"]
+    _, path, _ = previous_format
     file_meta, header, tensors = read_parts(path)
     for entry in header["layers"].values():
         entry.pop("weight_digest")
@@ -307,3 +355,35 @@ def test_quantized_unet_checks_in_memory_statistics(metadata_files):
         noise = {b: [dataclasses.replace(s, **change) for s in steps] for b, steps in meta.noise.items()}
         with pytest.raises(MetadataError, match=message):
             qdcompile.QuantizedUNet(unet, dataclasses.replace(meta, noise=noise), backend="simulate")
+
+
+def test_asymmetric_w4_records_round_trip(metadata_files, tmp_path):
+    """The W4A8 preset's file: 4-bit layers on the asymmetric grid (unsigned codes, a zero point per
+    output channel, per split part), 8-bit layers symmetric; saving the loaded metadata again gives
+    the same records, and the dequantized weights reproduce the float weights."""
+    from qdcompile.simulate import dequantized_weight
+
+    unet, path = metadata_files["w4a8-split"]
+    meta = qdcompile.load_metadata(path)
+    assert meta.format_version == 6 and meta.recipe.weight_grid == "auto"
+    modules = dict(unet.named_modules())
+    for name, rec in meta.layers.items():
+        assert rec.asymmetric == (rec.weight_bits == 4), name
+        if rec.asymmetric:
+            n = rec.weight_q.shape[0]
+            assert rec.weight_zero_point.dtype == torch.int32
+            assert tuple(rec.weight_zero_point.shape) == ((2, n) if rec.split else (n,))
+            assert 0 <= int(rec.weight_q.min()) and int(rec.weight_q.max()) <= 15
+            assert 0 <= int(rec.weight_zero_point.min()) and int(rec.weight_zero_point.max()) <= 15
+            for i, p in enumerate(rec.split or ()):
+                assert torch.equal(p.weight_zero_point, rec.weight_zero_point[i])
+        w = modules[name].weight.detach().float()
+        err = float((dequantized_weight(rec) - w).pow(2).mean() / w.pow(2).mean())
+        assert err < (0.05 if rec.weight_bits == 4 else 1e-3), (name, err)
+    assert any(rec.split for rec in meta.layers.values())
+    again = qdcompile.load_metadata(meta.save(tmp_path / "again.qdiff"))
+    for name, rec in meta.layers.items():
+        other = again.layers[name]
+        assert torch.equal(rec.weight_q, other.weight_q) and torch.equal(rec.weight_scale, other.weight_scale)
+        assert (rec.weight_zero_point is None and other.weight_zero_point is None) or \
+            torch.equal(rec.weight_zero_point, other.weight_zero_point)

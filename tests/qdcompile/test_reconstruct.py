@@ -111,6 +111,60 @@ def test_adaround_on_split_layer_keeps_per_part_scales():
     assert _block_mse(block, new, args, y, acts=True) < _block_mse(block, rtn, args, y, acts=True)
 
 
+def _asym_records(block, args, act_bits):
+    """Round-to-nearest records on Q-Diffusion's asymmetric grid (qdiff-mse), the 1x1 shortcut split."""
+    from qdcompile.calibration import weight_grid_fn
+
+    grid = weight_grid_fn(QuantRecipe.w4a8())
+    recs = _rtn_records(block, args, 4, act_bits, split_shortcut=True)
+    out = {}
+    mods = dict(block.named_modules())
+    for n, rec in recs.items():
+        if rec.split:
+            ranges = [(-p.act_zero_point * p.act_scale, (255 - p.act_zero_point) * p.act_scale) for p in rec.split]
+            out[n] = quantize_split_layer(mods[n], rec.op, 4, act_bits, (8, 8), ranges, grid)
+        else:
+            s, z = grid(mods[n].weight.detach(), 4)
+            out[n] = quantize_layer(mods[n], rec.op, 4, act_bits, rec.act_range, scale=s, zero_point=z)
+    return out
+
+
+def test_adaround_on_the_asymmetric_grid():
+    """AdaRound rounds W/s + z (clamped to the unsigned codes 0..15): the soft weight starts at W
+    inside the range, the hard codes are floor or ceil of W/s plus z, zero points and scales stay,
+    and the block-output error drops below round-to-nearest's (split layer included)."""
+    block, args, y = _resnet_block()
+    rtn = _asym_records(block, args, 8)
+    assert all(r.asymmetric for r in rtn.values()) and rtn["conv_shortcut"].split
+    qlayer = recon._QLayer("conv1", copy.deepcopy(block.conv1), rtn["conv1"])
+    qlayer.init_rounding()
+    w = block.conv1.weight.detach()
+    z = rtn["conv1"].weight_zero_point.reshape(-1, 1, 1, 1).float()
+    s = rtn["conv1"].weight_scale.reshape(-1, 1, 1, 1)
+    inside = ((w / s).floor() + z >= 0) & ((w / s).floor() + z + 1 <= 15)
+    torch.testing.assert_close(qlayer.soft_weight()[inside], w[inside], rtol=0, atol=1e-5)
+    recipe = QuantRecipe.w4a8(recon_iters=300, act_lsq_iters=10, recon_batch_size=16)
+    new, stats = reconstruct_block(block, rtn, Captured.of((args, {})), Captured.of(y), recipe,
+                                   generator=torch.Generator().manual_seed(0))
+    before, after = _block_mse(block, rtn, args, y, acts=True), _block_mse(block, new, args, y, acts=True)
+    print(f"\nResnetBlock2D asymmetric W4A8 block-output MSE: round-to-nearest {before:.3e}, AdaRound {after:.3e}")
+    assert after < 0.8 * before and stats["adaround_error"] < stats["rtn_error"]
+    mods = dict(block.named_modules())
+    for n, rec in new.items():
+        validate_layer(n, rec)
+        assert torch.equal(rec.weight_zero_point, rtn[n].weight_zero_point)
+        assert torch.equal(rec.weight_scale, rtn[n].weight_scale)
+        parts = rec.split or [rec]
+        wparts = torch.split(mods[n].weight.detach(), [p.weight_q.shape[1] for p in parts], 1)
+        for p, wp in zip(parts, wparts):
+            tail = [1] * (wp.dim() - 1)
+            base = torch.floor(wp / p.weight_scale.reshape(-1, *tail)) + p.weight_zero_point.reshape(-1, *tail)
+            codes = p.weight_q.float()
+            assert 0 <= int(codes.min()) and int(codes.max()) <= 15
+            assert bool(((codes == base.clamp(0, 15)) | (codes == (base + 1).clamp(0, 15))).all())
+    assert any(not torch.equal(new[n].weight_q, rtn[n].weight_q) for n in new)
+
+
 @pytest.mark.parametrize("act_bits", [8, 4])
 def test_lsq_does_not_raise_quantization_error(act_bits):
     block, args, y = _resnet_block(seed=2)
