@@ -3,6 +3,7 @@ and a throughput model of the SD 1.5 U-Net step (batch 2, 512²) built on those 
 
     python bench/sm90_report.py                    # compile + model, writes bench/results/sm90-report-*.md/json
     python bench/sm90_report.py --facts F.json     # model only, from facts of an earlier run
+    python bench/sm90_report.py --facts F.json --model sdxl   # the SDXL base U-Net (128² latent) instead
 
 Table: registers, spill bytes, shared memory, SASS instructions per thread per K step of the
 K loop, the MMA instruction and its wait depth (``WARPGROUP.DEPBAR.LE gsb0, N`` in the loop),
@@ -96,71 +97,42 @@ def facts_table(facts: list[dict]) -> str:
 
 # ---------------------------------------------------------------- model
 
-def sd15_layers(batch: int = 2):
-    """(name, kind, LayerShape, split, kernel) of every conv/linear layer of the SD 1.5 U-Net
+MODELS = {"sd15": "SD1.5", "sdxl": "SDXL"}    # census configs of qdcompile.benchmarks → label
+
+
+def unet_layers(model: str = "sd15", batch: int = 2):
+    """(name, kind, LayerShape, split, kernel) of every conv/linear layer of the ``model`` U-Net
     (config of qdcompile.benchmarks, meta device, census at ``batch``), and the census."""
     from qdcompile.benchmarks.census import census
     from qdcompile.benchmarks.configs import build_unet
-    from qdcompile.kernels.sm90_model import LayerShape
+    from qdcompile.kernels.sm90_choice import layer_shape
 
-    unet = build_unet("sd15", device="meta")
+    unet = build_unet(model, device="meta")
     c = census(unet, batch=batch)
     modules = dict(unet.named_modules())
     rows = []
     for layer in c.layers:
         mod = modules[layer.name]
-        n = layer.out_channels
-        k = layer.weight_params // n
         m = layer.macs // layer.weight_params
-        if layer.op == "linear":
-            kind, act = "gemm", m * k
-        else:
+        act = None
+        if layer.op != "linear":     # the implicit GEMM reads each input pixel once
             kh, kw = mod.kernel_size
             sh, sw = mod.stride
-            kind = "conv" if kh * kw > 1 else "conv1"
-            act = m * sh * sw * (k // (kh * kw))
+            act = m * sh * sw * (layer.weight_params // layer.out_channels // (kh * kw))
+        kind, shape = layer_shape(layer.op, mod.weight.shape, m, act)
         split = (".up_blocks." in f".{layer.name}" and ".resnets." in layer.name
                  and layer.name.endswith(("conv1", "conv_shortcut")))
-        rows.append((layer.name, kind, LayerShape(m, n, k, act), split, layer.unsupported))
+        rows.append((layer.name, kind, shape, split, layer.unsupported))
     return rows, c
 
 
-def _facts_by(facts: list[dict]):
-    from qdcompile.kernels.sm90_model import KernelFacts
-    from qdcompile.kernels.autotune import Tile
-    out: dict[str, dict] = {}
-    for f in facts:
-        variant, _, tile = f["variant"].partition("@")
-        bm, rest = tile.split("x", 1)
-        bn, rest = rest.split("x", 1)
-        bk, rest = rest.split("w", 1)
-        warps, stages = rest.split("s")
-        t = Tile(int(bm), int(bn), int(bk), int(warps), int(stages))
-        if f["loop_instructions"] is None:
-            continue
-        out.setdefault(variant, {})[t] = KernelFacts(
-            t.block_m, t.block_n, t.block_k, t.num_warps, f["registers"], f["shared_bytes"], f["loop_instructions"],
-            f["epilogue_instructions"], f["wait_depth"] if f["wait_depth"] is not None else 0)
-    return out
+def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device_int8: bool = True,
+          unet: str = "sd15") -> dict:
+    from qdcompile.kernels.sm90_choice import estimate, facts_by_variant
+    from qdcompile.kernels.sm90_model import fp16_seconds, DRAM_BYTES_S, FP16_FLOPS
 
-
-def _variant(kind: str, bits: int, split: bool, codes: bool, by: dict) -> str:
-    name = f"{kind}:{bits}" + (":codes" if codes else "") + (":split" if split else "")
-    if name in by:
-        return name
-    name = f"{kind}:{bits}" + (":codes" if codes else "")      # split facts not compiled: the 1-part kernel's
-    if name in by:
-        return name
-    return f"{'gemm' if kind == 'gemm' else 'conv'}:{bits}" + (":codes" if codes else "")
-
-
-def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device_int8: bool = True) -> dict:
-    from qdcompile.kernels.autotune import kept_configs, split_k_for
-    from qdcompile.kernels.layout import device_weight_bits
-    from qdcompile.kernels.sm90_model import best_int8, fp16_seconds, DRAM_BYTES_S, FP16_FLOPS
-
-    by = _facts_by(facts)
-    layers, c = sd15_layers()
+    by = facts_by_variant(facts)
+    layers, c = unet_layers(unet)
     rows = []
     tot = {"fp16": 0.0, "w8a8": 0.0, "w4a8": 0.0, "w8a8_float_fallback": 0.0, "w4a8_float_fallback": 0.0}
     pointwise = {"fp16": 0.0, "q": 0.0}
@@ -178,15 +150,12 @@ def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device
         tot["fp16"] += t16
         for key, bits in (("w8a8", 8), ("w4a8", 4)):
             if unsupported:
-                t, cfg, sk, dev_bits = t16, "float (unsupported)", 1, 16
+                t, cfg, sk, dev_bits, faster = t16, "float (unsupported)", 1, 16, False
             else:
-                dev_bits = (device_weight_bits("linear" if kind == "gemm" else "conv2d", s.n, s.k, s.m, bits)
-                            if device_int8 else bits)
-                variant = _variant(kind, dev_bits, split, codes, by)
-                kept = {t.name: by[variant][t] for t in kept_configs(s.m, s.n, s.k, split) if t in by[variant]}
-                kept = kept or {t.name: f for t, f in by[variant].items()}     # facts of other tiles only
-                sk = 1 if split or not split_k_on else split_k_for(s.m, s.n, s.k)
-                t, cfg = best_int8(s, kept, dev_bits, sk)
+                e = estimate(kind, s, bits, by, split=split, codes=codes, split_k_on=split_k_on,
+                             device_int8=device_int8)
+                t, cfg, sk, dev_bits, variant, kept = e.int_s, e.config, e.split_k, e.device_bits, e.variant, e.kept
+                faster = e.float_faster      # the backend's decision (sm90_choice), same function
             if not unsupported:
                 for tile in kept:
                     kernels_needed[key].add((variant, tile, sk > 1))
@@ -195,11 +164,12 @@ def model(facts: list[dict], split_k_on: bool = True, codes: bool = True, device
             row[f"{key}_config"] = cfg + (f" split-K {sk}" if sk > 1 else "")
             row[f"{key}_device_bits"] = dev_bits
             tot[key] += t
-            tot[f"{key}_float_fallback"] += min(t, t16)
+            tot[f"{key}_float_fallback"] += t16 if faster else t
+            row[f"{key}_float_faster"] = faster
             w_bytes[key] += s.n * s.k * dev_bits // 8
             if key == "w4a8":
                 w_bytes["w4a8_file"] += s.n * s.k * (4 if not unsupported else 16) // 8
-        row["prefer_float"] = row["w8a8_us"] > row["fp16_us"]
+        row["prefer_float"] = row["w8a8_float_faster"]
         rows.append(row)
     attn = 2 * c.attn_macs / (FP16_FLOPS * ATTENTION_EFFICIENCY)
     step = {"fp16": tot["fp16"] + attn + pointwise["fp16"]}
@@ -256,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--facts", type=Path, help="reuse the compile facts of an earlier run (JSON)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd15",
+                        help="U-Net whose layer census is modelled (batch 2; default sd15)")
     parser.add_argument("--no-split-k", action="store_true", help="model the kernels without split-K")
     parser.add_argument("--baseline", action="store_true",
                         help="model the kernels before Fast path 2: float in (quantize-on-load), 4-bit weights "
@@ -273,26 +245,29 @@ def main(argv: list[str] | None = None) -> int:
         facts = loaded["facts"] if isinstance(loaded, dict) else loaded
     else:
         facts = compile_facts(specs_for(args.variants, autotune.CANDIDATES), args.jobs)
-    m = model(facts, not (args.no_split_k or args.baseline), codes=not args.baseline, device_int8=not args.baseline)
+    m = model(facts, not (args.no_split_k or args.baseline), codes=not args.baseline, device_int8=not args.baseline,
+              unet=args.model)
+    label = MODELS[args.model]
     facts = candidate_facts(facts)
     table = facts_table(facts)
     text = model_text(m)
     deployed = "" if args.baseline else "_float_fallback"     # the kernels as the backend would run them
-    last = (f"predicted SD1.5 step speed-up vs FP16 compiled: W8A8 {m['speedup']['w8a8' + deployed]:.2f}x, "
+    last = (f"predicted {label} step speed-up vs FP16 compiled: W8A8 {m['speedup']['w8a8' + deployed]:.2f}x, "
             f"W4A8 {m['speedup']['w4a8' + deployed]:.2f}x")
     text += ("\n- last line: " + ("every supported layer integer (the backend before this report had no "
                                    "float-is-faster decision)" if args.baseline else
-                                   "with the per-layer float-is-faster decision (kernels.sm90_model.prefer_float); "
+                                   "with the per-layer float-is-faster decision (kernels.sm90_choice, as the backend decides); "
                                    f"every layer integer: W8A8 {m['speedup']['w8a8']:.2f}x, "
                                    f"W4A8 {m['speedup']['w4a8']:.2f}x"))
     print(table)
     print()
     print(text)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"sm90-report-triton{triton.__version__}" + (f"-{args.label}" if args.label else "")
+    stem = (f"sm90-report-triton{triton.__version__}" + (f"-{args.model}" if args.model != "sd15" else "")
+            + (f"-{args.label}" if args.label else ""))
     meta = {"triton": triton.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python bench/sm90_report.py", *(argv if argv is not None else sys.argv[1:])]),
-            "split_k": not (args.no_split_k or args.baseline), "baseline": args.baseline}
+            "split_k": not (args.no_split_k or args.baseline), "baseline": args.baseline, "model": args.model}
     if args.note:
         meta["note"] = args.note
     from qdcompile.io import atomic_write
@@ -300,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(args.out_dir / f"{stem}.json", json.dumps({**meta, "facts": facts, "model": m}, indent=1) + "\n")
     atomic_write(args.out_dir / f"{stem}.md",
         f"# Static sm_90 report\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        + f"\n\n{__doc__}\n\n## Kernels\n\n{table}\n\n## SD 1.5 U-Net step model (batch 2)\n\n{text}\n\n{last}\n")
+        + f"\n\n{__doc__}\n\n## Kernels\n\n{table}\n\n## {label} U-Net step model (batch 2)\n\n{text}\n\n{last}\n")
     print(last)
     return 0
 

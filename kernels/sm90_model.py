@@ -2,8 +2,8 @@
 
 Pure functions over numbers: no GPU, no compiler. ``bench/sm90_report.py`` feeds them the
 facts it reads from the SASS of every kernel variant × config (compiled ahead of time on a
-CPU); the backend can call :func:`prefer_float` with the same facts to keep a layer in
-float where the model says float is faster.
+CPU); :mod:`.sm90_choice` applies them, from the facts shipped with the package, to keep a
+layer in float where the model says float is faster (:func:`prefer_float`'s rule).
 
 Model of one integer layer (``M × N × K`` GEMM, or the implicit GEMM of a conv):
 

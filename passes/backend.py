@@ -25,6 +25,10 @@ Options (``torch.compile(unet, backend="qdiff", mode=..., options={...})``):
   capture). Per-step PTQD correction buffers are written in place before each replay.
 * ``options={"producer_quant": False}``: quantize on load inside the integer kernels instead
   of in the activation's producer (the default; see :mod:`.quantize_layers`).
+* ``options={"prefer_float": False}``: on sm_90 (compute capability 9.x) a layer the static
+  model (:mod:`qdcompile.kernels.sm90_choice`, facts shipped with the package) predicts faster in
+  FP16 than on its integer kernel stays float by default (the report says so per layer; never a
+  layer with a PTQD output correction); this runs every supported layer on its integer kernel.
 * ``options={"channels_last": False}``: on CUDA the conv path runs channels-last end to end by
   default (NCHW inputs converted once at graph entry, outputs back at exit,
   :mod:`.channels_last`); this turns it off.
@@ -97,6 +101,7 @@ _EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": T
 class _Settings:
     producer_quant: bool = True
     channels_last: bool = True
+    prefer_float: bool = True
     patches: dict = field(default_factory=lambda: dict(_EXACT))
 
 
@@ -105,7 +110,7 @@ def _settings(mode, options) -> _Settings:
     if mode not in _MODES:
         raise ValueError(f"qdiff backend: mode={mode!r} is not one of {[m for m in _MODES if m]}")
     options = dict(options or {})
-    ours = {name: options.pop(name, True) for name in ("producer_quant", "channels_last")}
+    ours = {name: options.pop(name, True) for name in ("producer_quant", "channels_last", "prefer_float")}
     for name, value in ours.items():
         if not isinstance(value, bool):
             raise TypeError(f"qdiff backend: options[{name!r}] must be True or False, got {value!r}")
@@ -171,7 +176,8 @@ def _on_cuda(example_inputs) -> bool:
 def _compile(gm: fx.GraphModule, example_inputs, settings: _Settings = _Settings()):
     _compiles[0] += 1
     bindings = [b for b in (lookup(example_inputs[i]) for i in _weight_input_indices(gm)) if b is not None]
-    stats = rewrite_quantized_layers(gm, example_inputs, producer_quant=settings.producer_quant)
+    stats = rewrite_quantized_layers(gm, example_inputs, producer_quant=settings.producer_quant,
+                                     prefer_float=settings.prefer_float)
     if settings.channels_last and stats.conv2d and _on_cuda(example_inputs):
         # the integer conv reads NHWC vectors: one conversion at graph entry/exit instead of scalar loads
         channels_last_pass(gm, example_inputs)

@@ -14,6 +14,10 @@ For each call whose weight is bound to a quantization record (see :mod:`.registr
 * a shortcut-split record whose input is ``cat([a, b], dim=1)`` becomes the ``*_split`` op
   fed by ``a`` and ``b`` directly (the concatenation is not read);
 * a weight-only record (``act_bits`` None) keeps the float op with the dequantized weight;
+* ``prefer_float`` (default): on sm_90 a layer the static model predicts faster in FP16 than on
+  its integer kernel (:mod:`qdcompile.kernels.sm90_choice`, at the traced ``M``) keeps the float
+  op, reported as such — except a layer with a PTQD output correction (the correction lives in
+  the integer kernel's epilogue: in float it would be dropped);
 * anything else stays float, with the reason recorded for the report.
 """
 
@@ -27,6 +31,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..kernels import ops as qops
+from ..kernels import sm90_choice
 from ..kernels.layout import device_weight_bits, prepare_weight
 from ..kernels.quantizers import dequantize_weight
 from .registry import Binding, Decision, active_precision, lookup
@@ -47,6 +52,7 @@ class RewriteStats:
     split: int = 0
     weight_only: int = 0
     fallback: dict[str, str] = field(default_factory=dict)   # layer (or graph weight) → reason
+    float_faster: int = 0    # of the fallbacks: kept float because the sm_90 model says float is faster
 
     @property
     def rewritten(self) -> int:
@@ -243,11 +249,28 @@ class _ProducerQuant:
         return q
 
 
-def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant: bool = True) -> RewriteStats:
+def _float_choice(node: fx.Node, op: str, x, weight: torch.Tensor, rec, producer_quant: bool,
+                  capability) -> sm90_choice.Choice:
+    """The static float-vs-integer choice for one layer at its traced shape (compile time)."""
+    if capability is None or capability[0] != 9:
+        return sm90_choice.decide(op, weight.shape, 0, rec.weight_bits, capability)
+    m = _rows(node, op)
+    value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+    if m == 0 or value is None:
+        return sm90_choice.Choice("int", "no traced shape for the sm_90 static model: integer kernel")
+    act = value.numel() if op == "conv2d" else None
+    return sm90_choice.decide(op, weight.shape, m, rec.weight_bits, capability, act_elems=act,
+                              split=bool(rec.split), codes=producer_quant)
+
+
+def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant: bool = True,
+                             prefer_float: bool = True) -> RewriteStats:
     """Rewrite the bound conv2d/linear calls of ``gm`` in place; return the counts.
 
     ``producer_quant``: quantize activations in the graph (fused into their producers by
-    Inductor) and feed codes to the integer ops; else the ops quantize on load."""
+    Inductor) and feed codes to the integer ops; else the ops quantize on load.
+    ``prefer_float``: keep the layers float that the sm_90 static model predicts faster in FP16
+    (on compute capability 9.x only; never a layer with a PTQD correction)."""
     stats = RewriteStats()
     graph = gm.graph
     tensor_of = _TensorLookup(gm, example_inputs)
@@ -288,6 +311,19 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant:
                 stats.fallback[binding.name] = got
                 continue
             inputs = list(got)
+        choice_note = ""
+        if prefer_float:
+            capability = sm90_choice.device_capability(weight.device)
+            choice = _float_choice(node, op, args["input"], weight, rec, producer_quant, capability)
+            if choice.choice == "float" and binding.correction is None:
+                binding.decisions[binding.name] = Decision(op, "float", choice.reason)
+                stats.fallback[binding.name] = choice.reason
+                stats.float_faster += 1
+                continue
+            if capability is not None:   # on a GPU: say what was chosen and why
+                choice_note = choice.reason
+                if choice.choice == "float":
+                    choice_note += "; kept integer: PTQD output correction in the kernel epilogue"
         parts, weight_bits = _prepared(binding, rec, weight.device, op, _rows(node, op))
         extra = {}
         if binding.correction is not None and len(parts) == 1:
@@ -335,6 +371,8 @@ def rewrite_quantized_layers(gm: fx.GraphModule, example_inputs, producer_quant:
         if weight_bits != rec.weight_bits:
             notes.append(f"W{rec.weight_bits} codes held as int{weight_bits} on the device (compute-bound layer: "
                          "no int4 MMA on the GPU, unpacked once at compile time)")
+        if choice_note:
+            notes.append(choice_note)
         binding.decisions[binding.name] = Decision(op, f"qdiff.{target._schema.name.split('::')[1]} [{mode}]",
                                                    "; ".join(notes))
     graph.eliminate_dead_code()

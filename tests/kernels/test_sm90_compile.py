@@ -97,3 +97,23 @@ def test_no_spills(facts):
 def test_codes_in_mma_stays_in_flight(facts):
     for name in ("gemm:8:codes@128x128x64w8s3", "conv:8:codes@128x128x64w8s4"):
         assert facts[name]["wait_depth"] >= 1, facts[name]
+
+
+def test_shipped_model_facts_are_what_the_kernels_compile_to(facts):
+    """The facts the backend's float-vs-integer choice reads (``kernels/sm90_facts.json``) are those
+    of the kernels in this checkout, for every tile compiled above that the file holds (same Triton
+    only: another Triton compiles other SASS; regenerate with ``bench/sm90_report.py`` and
+    ``python -m qdcompile.kernels.sm90_choice``)."""
+    import triton
+
+    from qdcompile.kernels.sm90_choice import FIELDS, FACTS_PATH, load_facts
+
+    shipped = load_facts()
+    if shipped.triton != triton.__version__:
+        pytest.skip(f"facts shipped for Triton {shipped.triton}, this is {triton.__version__}")
+    by_name = {f["variant"]: f for f in json.loads(FACTS_PATH.read_text())["facts"]}
+    compared = [name for name in facts if name in by_name]
+    assert len(compared) >= 4, compared
+    for name in compared:
+        got = {k: facts[name][k] for k in FIELDS}
+        assert got == {k: by_name[name][k] for k in FIELDS}, f"{name}: compiled {got}, shipped {by_name[name]}"
