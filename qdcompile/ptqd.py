@@ -35,6 +35,7 @@ import torch
 
 from .kernels.quantizers import act_qparams
 from .metadata import ActQuant, NOISE_SPACES
+from .metrics import norm_ratio
 from .noise import StepNoise, clips_x0, effective_eps, eps_channels, nearest
 from .observers import CalibrationSet, observe_ranges
 from .pipeline import Corrections, QuantizedUNet
@@ -46,11 +47,8 @@ from .trajectory import TrajectoryRecorder
 
 logger = logging.getLogger(__name__)
 
+
 # ============================================================================ statistics
-def _ratio(signal: float, noise: float) -> float:
-    return math.inf if noise == 0 else math.sqrt(signal / noise)
-
-
 def estimate_noise(eps: torch.Tensor, eps_q: torch.Tensor, timestep: int = 0) -> StepNoise:
     """PTQD statistics of ``eps_q`` against ``eps`` (``[B, C, ...]``, the ε channels only).
 
@@ -71,8 +69,8 @@ def estimate_noise(eps: torch.Tensor, eps_q: torch.Tensor, timestep: int = 0) ->
     centred = resid - mu.view(shape)
     var = float(centred.pow(2).mean())
     corrected = (q - mu.view(shape)) / (1 + k)
-    return StepNoise(int(timestep), k, tuple(float(v) for v in mu), var, _ratio(ee, float(d.pow(2).sum())),
-                     _ratio(ee, float((corrected - e).pow(2).sum())), int(e.shape[0]))
+    return StepNoise(int(timestep), k, tuple(float(v) for v in mu), var, norm_ratio(ee, float(d.pow(2).sum())),
+                     norm_ratio(ee, float((corrected - e).pow(2).sum())), int(e.shape[0]))
 
 
 # ============================================================================ mixed precision

@@ -236,3 +236,26 @@ def test_replicates_summary_across_calibrations(tmp_path):
     paths[0].write_text(json.dumps(bad))
     with pytest.raises(SystemExit, match="configuration 'ptqd' did not run"):
         rep.main([str(p) for p in paths])
+
+
+def test_bench_options_cover_every_command_line_option(capsys, tmp_path):
+    """The library entry points take options objects with the command's option names: every option of
+    ``qdcompile bench size`` / ``latency`` is a field, and run_size runs from the object alone."""
+    import dataclasses
+
+    from qdcompile.benchmarks.latency import LatencyOptions
+    from qdcompile.benchmarks.size_report import SizeOptions, run_size
+    from qdcompile.commands.bench import add_latency_arguments, add_size_arguments, options_from_args
+
+    for add, cls in ((add_size_arguments, SizeOptions), (add_latency_arguments, LatencyOptions)):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        args = parser.parse_args([])
+        assert set(vars(args)) == {f.name for f in dataclasses.fields(cls)}
+        assert options_from_args(cls, args) == cls()          # same defaults as the command line
+    ours = lambda: {k: v for k, v in os.environ.items() if k.startswith("QDCOMPILE")}  # noqa: E731
+    before, threads = ours(), torch.get_num_threads()
+    assert run_size(SizeOptions(models=["mnist"], recipes=["w8a8"], json=str(tmp_path / "s.json"))) == 0
+    assert ours() == before and torch.get_num_threads() == threads
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["recipe"] == "w8a8"
+    assert "mnist" in capsys.readouterr().out
