@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import atomic_write
-from .kernels.quantizers import act_qparams, quantize_weight, weight_qrange, weight_scales
+from .kernels.quantizers import act_qparams, fake_quantize_act, quantize_weight, weight_qrange, weight_scales
 from .layers import conv_linear_layers, unsupported_reason
 from .metadata import LayerQuant, QuantMetadata, SplitPart, model_identity, weight_digest
 from .recipe import QuantRecipe
@@ -126,19 +126,53 @@ def collect_calibration_set(unet, scheduler, *, num_samples: int = 64, num_infer
     return calib
 
 
-class _RangeObserver:
-    """Observes the input range of one layer: running min/max, or mean per-batch percentiles."""
+SEARCH_SAMPLES_PER_BATCH = 4096   # activation values kept per batch and quantizer for the range search
+SEARCH_RATIOS = 80                 # clipping ratios 1.00, 0.99, …, 0.21 (Q-Diffusion)
+SEARCH_NORM = 2.4                  # the search's score: mean |error|^p
 
-    def __init__(self, mode: str, percentile: float):
+
+def search_act_range(x: torch.Tensor, bits: int, ratios: int = SEARCH_RATIOS,
+                     norm: float = SEARCH_NORM) -> tuple[float, float]:
+    """Q-Diffusion's activation range search: of the ranges ``(r·min, r·max)`` for
+    ``r = 1.00, 0.99, …`` (``ratios`` of them), the one whose asymmetric ``bits``-bit
+    fake-quantization of ``x`` (METHODS §1, :func:`act_qparams`) has the least mean
+    ``|error|^norm``. Ties keep the wider range."""
+    x = x.detach().float().reshape(-1)
+    if x.numel() == 0:
+        raise ValueError("search_act_range needs at least one activation value")
+    lo, hi = float(x.min()), float(x.max())
+    best, best_err = (lo, hi), float("inf")
+    for i in range(ratios):
+        r = 1.0 - 0.01 * i
+        scale, zp = act_qparams(lo * r, hi * r, bits)
+        err = float((fake_quantize_act(x, scale, zp, bits) - x).abs().pow(norm).mean())
+        if err < best_err:
+            best, best_err = (lo * r, hi * r), err
+    return best
+
+
+class _RangeObserver:
+    """Observes the input range of one layer: running min/max, mean per-batch percentiles, or
+    (``"search"``) min/max plus a fixed-size random subsample per batch for :func:`search_act_range`."""
+
+    def __init__(self, mode: str, percentile: float, generator: Optional[torch.Generator] = None):
         self.mode, self.q = mode, percentile / 100.0
         self.lo: list[float] = []
         self.hi: list[float] = []
+        self.kept: list[torch.Tensor] = []
+        self.gen = generator
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        if self.mode == "minmax":
+        if self.mode in ("minmax", "search"):
             self.lo.append(float(x.min()))
             self.hi.append(float(x.max()))
+            if self.mode == "search":
+                flat = x.reshape(-1)
+                if flat.numel() > SEARCH_SAMPLES_PER_BATCH:
+                    idx = torch.randint(flat.numel(), (SEARCH_SAMPLES_PER_BATCH,), generator=self.gen)
+                    flat = flat[idx.to(flat.device)]
+                self.kept.append(flat.cpu())
         else:
             flat = x.reshape(-1)
             if flat.numel() > 1 << 20:  # torch.quantile limit; a strided subsample keeps it cheap
@@ -147,9 +181,15 @@ class _RangeObserver:
             self.lo.append(float(qs[0]))
             self.hi.append(float(qs[1]))
 
-    def range(self) -> tuple[float, float]:
+    def range(self, bits: Optional[int] = None) -> tuple[float, float]:
         if not self.lo:
             raise RuntimeError("observer saw no input")
+        if self.mode == "search":
+            if bits is None:
+                raise ValueError("the 'search' activation observer needs the layer's activation bit width")
+            # the subsample misses the extremes; the search starts from the true min/max
+            x = torch.cat(self.kept + [torch.tensor([min(self.lo), max(self.hi)])])
+            return search_act_range(x, bits)
         if self.mode == "minmax":
             return min(self.lo), max(self.hi)
         return sum(self.lo) / len(self.lo), sum(self.hi) / len(self.hi)
@@ -161,13 +201,18 @@ def _matches(name: str, patterns) -> bool:
 
 @torch.no_grad()
 def observe_ranges(unet, calib: CalibrationSet, names: list[str], recipe: QuantRecipe, progress: bool = True,
-                   splits: Optional[dict[str, tuple[int, ...]]] = None) -> dict[str, Any]:
+                   splits: Optional[dict[str, tuple[int, ...]]] = None,
+                   act_bits: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
     """Input range of each named layer over the calibration set: ``(lo, hi)``, or for a layer
-    in ``splits`` (name → part channel counts along dim 1) a list with one range per part."""
+    in ``splits`` (name → part channel counts along dim 1) a list with one range per part.
+    The ``"search"`` observer searches each range for the layer's activation bit width:
+    ``act_bits`` if given, else the recipe's for that layer (:func:`layer_bits`); its
+    subsample is drawn with ``seed``."""
     base = unwrap(unet)
     modules = dict(base.named_modules())
     splits = splits or {}
-    observers = {n: [_RangeObserver(recipe.act_observer, recipe.act_percentile) for _ in splits.get(n, (0,))]
+    gen = torch.Generator().manual_seed(seed)
+    observers = {n: [_RangeObserver(recipe.act_observer, recipe.act_percentile, gen) for _ in splits.get(n, (0,))]
                  for n in names}
 
     def hook(name):
@@ -189,7 +234,8 @@ def observe_ranges(unet, calib: CalibrationSet, names: list[str], recipe: QuantR
     unseen = [n for n, o in observers.items() if not o[0].lo]
     if unseen:
         logger.warning("layers never executed during calibration (kept in float): %s", unseen)
-    return {n: ([o.range() for o in obs] if n in splits else obs[0].range())
+    bits = {n: (act_bits if act_bits is not None else layer_bits(n, recipe)[1]) for n in observers}
+    return {n: ([o.range(bits[n]) for o in obs] if n in splits else obs[0].range(bits[n]))
             for n, obs in observers.items() if obs[0].lo}
 
 
@@ -357,7 +403,7 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
                 found = find_split_layers(base, x[:1], t, _take(kw, torch.tensor([0]), x.shape[0]))
                 splits = {n: c for n, c in found.items() if n in names}
             ranges = observe_ranges(base, calib, names, recipe, progress=progress,
-                                    splits=splits) if recipe.act_bits is not None else {}
+                                    splits=splits, seed=seed) if recipe.act_bits is not None else {}
             if ckpt is not None:
                 ckpt.save(calib=calib.state(), splits=splits, ranges=ranges, records={}, next_unit=0, stats=[])
         records = _initial_records(layers, names, recipe, ranges, splits, fallbacks)

@@ -482,14 +482,16 @@ def _act_quant(d: Any, where: str, with_range: bool = True, strict: bool = False
     return ActQuant(bits, scale, zp, _act_range(d.get("act_range"), where) if with_range else None)
 
 
-_RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inputs", "noise_space")
+_RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inputs", "noise_space",
+                "act_lsq_schedule")
 _RECIPE_LISTS = {"keep_8bit": str, "skip": str, "recon_units": str, "adaround_beta": float, "act_bits_mixed": int}
 
 
 def _recipe(d: Any, strict: bool = False) -> QuantRecipe:
     """The recipe of a header, every field of its documented type (no silent conversions);
     ``strict`` (format 5, which writes them all): every field present, none defaulted."""
-    _fields(d, "recipe", tuple(f.name for f in dataclasses.fields(QuantRecipe)) if strict else ())
+    version = d.get("version") if isinstance(d, dict) else None
+    _fields(d, "recipe", QuantRecipe.field_names(version) if strict else ())
     for key, v in d.items():
         default = {f.name: f.default for f in dataclasses.fields(QuantRecipe)}.get(key)
         where = f"recipe field {key!r}"

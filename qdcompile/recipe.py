@@ -8,12 +8,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+# Versions this qdcompile reads. A version-1 recipe (written before the issue-20 activation fields)
+# has the behaviour it had then: the fields added since take their version-1 values.
+SUPPORTED_RECIPE_VERSIONS = (1, 2)
 
-_OBSERVERS = ("minmax", "percentile")
+_OBSERVERS = ("minmax", "percentile", "search")
+_LSQ_SCHEDULES = ("constant", "cosine")
 _WEIGHT_OBSERVERS = ("minmax", "mse")
 _METHODS = ("rtn", "qdiffusion")
 _RECON_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "Attention")
+
+_V2_FIELDS = ("act_lsq_schedule",)
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,15 @@ class QuantRecipe:
       block; conv/linear layers outside them are reconstructed one by one. The defaults
       are sized for minutes on a small model (the papers run 20k AdaRound steps at lr 1e-3
       per block); raise ``recon_iters`` for large models on a GPU.
-    * ``act_observer``: ``"minmax"`` (running min/max over the calibration set) or
+    * ``act_observer``: ``"minmax"`` (running min/max over the calibration set),
       ``"percentile"`` (mean over calibration batches of the ``act_percentile`` /
-      ``100 − act_percentile`` quantiles, clipping rare outliers).
+      ``100 − act_percentile`` quantiles, clipping rare outliers) or ``"search"`` (Q-Diffusion's
+      start: min and max shrunk together by the clipping ratio, 1.00 down to 0.21 in 80 steps, that
+      minimises the mean |error|^2.4 of the fake-quantized input at the layer's activation bit width,
+      scored on a fixed random subsample of the calibration inputs; recipe version 2).
+    * ``act_lsq_schedule`` (recipe version 2): learning-rate schedule of the LSQ steps:
+      ``"constant"`` (``act_lsq_lr`` throughout) or ``"cosine"`` (annealed from ``act_lsq_lr`` to 0
+      over ``act_lsq_iters``, as Q-Diffusion).
     * ``keep_8bit``: layer-name patterns (``fnmatch``) kept at 8-bit weights and activations
       whatever the bit widths (the papers keep the first and last layers at 8 bit).
     * ``skip``: layer-name patterns left in float (reported as float fallback).
@@ -116,6 +128,9 @@ class QuantRecipe:
     noise_inputs: str = "fp"
     noise_space: str = "auto"
     check_samples: int = 8
+    # ---- issue 20 item 2 (recipe version 2): activation range search and LSQ schedule
+    act_lsq_schedule: str = "constant"
+    # ----
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
@@ -181,8 +196,15 @@ class QuantRecipe:
             raise ValueError(f"QuantRecipe.noise_space must be 'auto', 'sampler' or 'output', got {self.noise_space!r}")
         if not isinstance(self.check_samples, int) or isinstance(self.check_samples, bool) or self.check_samples < 0:
             raise ValueError(f"QuantRecipe.check_samples must be an integer >= 0, got {self.check_samples!r}")
-        if self.version != RECIPE_VERSION:
-            raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads {RECIPE_VERSION})")
+        if self.version not in SUPPORTED_RECIPE_VERSIONS:
+            raise ValueError(f"QuantRecipe version {self.version} is not supported (this qdcompile reads versions "
+                             f"{list(SUPPORTED_RECIPE_VERSIONS)})")
+        if self.act_lsq_schedule not in _LSQ_SCHEDULES:
+            raise ValueError(f"QuantRecipe.act_lsq_schedule must be one of {_LSQ_SCHEDULES}, "
+                             f"got {self.act_lsq_schedule!r}")
+        if self.version < 2 and (self.act_observer == "search" or self.act_lsq_schedule != "constant"):
+            raise ValueError("QuantRecipe version 1 has no act_observer='search' and no act_lsq_schedule "
+                             "(recipe version 2 fields); use version 2")
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "adaround_beta", beta)
@@ -241,15 +263,24 @@ class QuantRecipe:
         d["adaround_beta"] = list(self.adaround_beta)
         d["recon_units"] = list(self.recon_units)
         d["act_bits_mixed"] = list(self.act_bits_mixed)
+        if self.version == 1:   # written as version 1 wrote it
+            for k in _V2_FIELDS:
+                d.pop(k)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantRecipe":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(cls.field_names(d.get("version", RECIPE_VERSION)))
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"QuantRecipe: unknown fields {sorted(unknown)} (written by a newer qdcompile?)")
         return cls(**d)
+
+    @classmethod
+    def field_names(cls, version: Any = RECIPE_VERSION) -> tuple[str, ...]:
+        """The fields a recipe of ``version`` has (a version-1 recipe lacks the version-2 ones)."""
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        return tuple(n for n in names if n not in _V2_FIELDS) if version == 1 else names
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
