@@ -36,7 +36,7 @@ from .kernels.quantizers import (act_qparams, affine_qparams, quantize_weight, w
                                  weight_scales)
 from .layers import conv_linear_layers, unsupported_reason
 from .metadata import LayerQuant, QuantMetadata, SplitPart, model_identity, weight_digest
-from .observers import CalibrationSet, observe_ranges
+from .observers import QDIFF_NORM, QDIFF_RATIOS, CalibrationSet, observe_ranges
 from .ptqd import calibrate_noise
 from .recipe import QuantRecipe, layer_bits, matches
 from .reconstruct import reconstruct
@@ -103,10 +103,6 @@ def collect_calibration_set(unet, scheduler, *, num_samples: int = 64, num_infer
     return calib
 
 
-# Q-Diffusion's weight range search: ratios 1.00, 0.99, … 0.21 of the channel's min and max,
-# scored by the mean |error|^2.4 (its lp_loss, p = 2.4)
-QDIFF_RATIOS = tuple(1.0 - i * 0.01 for i in range(80))
-QDIFF_NORM = 2.4
 
 
 def search_weight_grid(weight: torch.Tensor, bits: int, ratios, norm: float = 2.0,
@@ -301,7 +297,7 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
                 found = find_split_layers(base, x[:1], t, _take(kw, torch.tensor([0]), x.shape[0]))
                 splits = {n: c for n, c in found.items() if n in names}
             ranges = observe_ranges(base, calib, names, recipe, progress=progress,
-                                    splits=splits) if recipe.act_bits is not None else {}
+                                    splits=splits, seed=seed) if recipe.act_bits is not None else {}
             if ckpt is not None:
                 ckpt.save(calib=calib.state(), splits=splits, ranges=ranges, records={}, next_unit=0, stats=[])
         records = _initial_records(layers, names, recipe, ranges, splits, fallbacks)

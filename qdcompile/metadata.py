@@ -25,7 +25,7 @@ from .io import atomic_write, jsonable
 from .kernels.quantizers import MAX_ACT_SCALE, MIN_ACT_SCALE, SUPPORTED_BITS, dequantize_weight, weight_qrange
 from .layers import quantizable_layers
 from .noise import StepNoise, eps_channels, nearest
-from .recipe import QuantRecipe, layer_bits
+from .recipe import QuantRecipe, layer_bits, recipe_fields_added_after
 
 FORMAT_NAME = "qdcompile.quant_metadata"
 FORMAT_VERSION = 6
@@ -508,7 +508,8 @@ def _act_quant(d: Any, where: str, with_range: bool = True, strict: bool = False
     return ActQuant(bits, scale, zp, _act_range(d.get("act_range"), where) if with_range else None)
 
 
-_RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inputs", "noise_space", "weight_grid")
+_RECIPE_TEXT = ("name", "method", "weight_observer", "act_observer", "noise_inputs", "noise_space", "weight_grid",
+                "act_lsq_schedule")
 _RECIPE_LISTS = {"keep_8bit": str, "skip": str, "recon_units": str, "adaround_beta": float, "act_bits_mixed": int}
 
 
@@ -517,8 +518,6 @@ def _recipe(d: Any, strict: bool = False) -> QuantRecipe:
     ``strict`` (format 5, which writes them all): every field of the recipe's version present, none
     defaulted (fields added by later recipe versions, :data:`~qdcompile.recipe.RECIPE_FIELDS_ADDED`, are
     absent from older recipes and read with their backward-compatible values)."""
-    from .recipe import recipe_fields_added_after
-
     version = d.get("version") if isinstance(d, dict) else None
     later = recipe_fields_added_after(version) if _is_int(version) else {}
     _fields(d, "recipe", tuple(f.name for f in dataclasses.fields(QuantRecipe) if f.name not in later)

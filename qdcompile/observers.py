@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .recipe import QuantRecipe
+from .kernels.quantizers import act_qparams, fake_quantize_act
+from .recipe import QuantRecipe, layer_bits
 from .sampling import call_unet, unwrap
 
 logger = logging.getLogger(__name__)
@@ -43,19 +44,53 @@ class CalibrationSet:
         return dataclasses.asdict(self)
 
 
-class _RangeObserver:
-    """Observes the input range of one layer: running min/max, or mean per-batch percentiles."""
+SEARCH_SAMPLES_PER_BATCH = 4096   # activation values kept per batch and quantizer for the range search
+# Q-Diffusion's range search, for weights (calibration.search_weight_grid) and activations
+# (search_act_range): clipping ratios 1.00, 0.99, … 0.21 of min and max, scored by mean |error|^2.4
+QDIFF_RATIOS = tuple(1.0 - i * 0.01 for i in range(80))
+QDIFF_NORM = 2.4
 
-    def __init__(self, mode: str, percentile: float):
+
+def search_act_range(x: torch.Tensor, bits: int, ratios=QDIFF_RATIOS,
+                     norm: float = QDIFF_NORM) -> tuple[float, float]:
+    """Q-Diffusion's activation range search: of the ranges ``(r·min, r·max)`` for the clipping
+    ``ratios`` (in order), the one whose asymmetric ``bits``-bit fake-quantization of ``x``
+    (METHODS §1, :func:`act_qparams`) has the least mean ``|error|^norm``. Ties keep the wider range."""
+    x = x.detach().float().reshape(-1)
+    if x.numel() == 0:
+        raise ValueError("search_act_range needs at least one activation value")
+    lo, hi = float(x.min()), float(x.max())
+    best, best_err = (lo, hi), float("inf")
+    for r in ratios:
+        scale, zp = act_qparams(lo * r, hi * r, bits)
+        err = float((fake_quantize_act(x, scale, zp, bits) - x).abs().pow(norm).mean())
+        if err < best_err:
+            best, best_err = (lo * r, hi * r), err
+    return best
+
+
+class _RangeObserver:
+    """Observes the input range of one layer: running min/max, mean per-batch percentiles, or
+    (``"search"``) min/max plus a fixed-size random subsample per batch for :func:`search_act_range`."""
+
+    def __init__(self, mode: str, percentile: float, generator: Optional[torch.Generator] = None):
         self.mode, self.q = mode, percentile / 100.0
         self.lo: list[float] = []
         self.hi: list[float] = []
+        self.kept: list[torch.Tensor] = []
+        self.gen = generator
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        if self.mode == "minmax":
+        if self.mode in ("minmax", "search"):
             self.lo.append(float(x.min()))
             self.hi.append(float(x.max()))
+            if self.mode == "search":
+                flat = x.reshape(-1)
+                if flat.numel() > SEARCH_SAMPLES_PER_BATCH:
+                    idx = torch.randint(flat.numel(), (SEARCH_SAMPLES_PER_BATCH,), generator=self.gen)
+                    flat = flat[idx.to(flat.device)]
+                self.kept.append(flat.cpu())
         else:
             flat = x.reshape(-1)
             if flat.numel() > 1 << 20:  # torch.quantile limit; a strided subsample keeps it cheap
@@ -64,9 +99,15 @@ class _RangeObserver:
             self.lo.append(float(qs[0]))
             self.hi.append(float(qs[1]))
 
-    def range(self) -> tuple[float, float]:
+    def range(self, bits: Optional[int] = None) -> tuple[float, float]:
         if not self.lo:
             raise RuntimeError("observer saw no input")
+        if self.mode == "search":
+            if bits is None:
+                raise ValueError("the 'search' activation observer needs the layer's activation bit width")
+            # the subsample misses the extremes; the search starts from the true min/max
+            x = torch.cat(self.kept + [torch.tensor([min(self.lo), max(self.hi)])])
+            return search_act_range(x, bits)
         if self.mode == "minmax":
             return min(self.lo), max(self.hi)
         return sum(self.lo) / len(self.lo), sum(self.hi) / len(self.hi)
@@ -74,13 +115,18 @@ class _RangeObserver:
 
 @torch.no_grad()
 def observe_ranges(unet, calib: CalibrationSet, names: list[str], recipe: QuantRecipe, progress: bool = True,
-                   splits: Optional[dict[str, tuple[int, ...]]] = None) -> dict[str, Any]:
+                   splits: Optional[dict[str, tuple[int, ...]]] = None,
+                   act_bits: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
     """Input range of each named layer over the calibration set: ``(lo, hi)``, or for a layer
-    in ``splits`` (name → part channel counts along dim 1) a list with one range per part."""
+    in ``splits`` (name → part channel counts along dim 1) a list with one range per part.
+    The ``"search"`` observer searches each range for the layer's activation bit width:
+    ``act_bits`` if given, else the recipe's for that layer (:func:`layer_bits`); its
+    subsample is drawn with ``seed``."""
     base = unwrap(unet)
     modules = dict(base.named_modules())
     splits = splits or {}
-    observers = {n: [_RangeObserver(recipe.act_observer, recipe.act_percentile) for _ in splits.get(n, (0,))]
+    gen = torch.Generator().manual_seed(seed)
+    observers = {n: [_RangeObserver(recipe.act_observer, recipe.act_percentile, gen) for _ in splits.get(n, (0,))]
                  for n in names}
 
     def hook(name):
@@ -102,5 +148,6 @@ def observe_ranges(unet, calib: CalibrationSet, names: list[str], recipe: QuantR
     unseen = [n for n, o in observers.items() if not o[0].lo]
     if unseen:
         logger.warning("layers never executed during calibration (kept in float): %s", unseen)
-    return {n: ([o.range() for o in obs] if n in splits else obs[0].range())
+    bits = {n: (act_bits if act_bits is not None else layer_bits(n, recipe)[1]) for n in observers}
+    return {n: ([o.range(bits[n]) for o in obs] if n in splits else obs[0].range(bits[n]))
             for n, obs in observers.items() if obs[0].lo}

@@ -127,7 +127,7 @@ def calibrate_activations(unet, calib, records: dict[str, Any], bits: int, recip
 
     names = [n for n, r in records.items() if not matches(n, recipe.keep_8bit) and r.act_quants()]
     splits = {n: tuple(p.channels for p in records[n].split) for n in names if records[n].split}
-    ranges = observe_ranges(unet, calib, names, recipe, progress=progress, splits=splits)
+    ranges = observe_ranges(unet, calib, names, recipe, progress=progress, splits=splits, act_bits=bits, seed=seed)
 
     def quantizer(lo_hi) -> ActQuant:
         scale, zp = act_qparams(lo_hi[0], lo_hi[1], bits)

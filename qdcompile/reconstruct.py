@@ -382,12 +382,16 @@ def _lsq(block, qlayers: list[_QLayer], data: _Data, recipe: QuantRecipe, progre
         before = data.error(run)
         init = [a.log_scale.detach().clone() for a in acts]
         opt = torch.optim.Adam([a.log_scale for a in acts], lr=recipe.act_lsq_lr)
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.act_lsq_iters, eta_min=0.0)
+                 if recipe.act_lsq_schedule == "cosine" and recipe.act_lsq_iters > 0 else None)
         for _ in tqdm(range(recipe.act_lsq_iters), desc="  LSQ", leave=False, disable=not progress):
             args, kwargs, target = data.batch()
             loss = _error(run(args, kwargs), target).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
         after = data.error(run) if recipe.act_lsq_iters else before
         if after > before:
             with torch.no_grad():

@@ -111,6 +111,15 @@ def metadata_files(tmp_path_factory):
     return {kind: calibrated_file(kind, folder) for kind in KINDS}
 
 
+@pytest.fixture(scope="session")
+def previous_format(tmp_path_factory):
+    """``(unet, format-5 path, current-format path)`` of one symmetric-grid PTQD calibration (see
+    tests/metadata_files.py): the files the older-format readers are tested on."""
+    from metadata_files import previous_format_file
+
+    return previous_format_file(tmp_path_factory.mktemp("qdiff-v5"))
+
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():

@@ -39,7 +39,7 @@ def calibrated_file(kind: str, folder: Path, seed: int = 1) -> tuple[object, Pat
 def previous_format_file(folder: Path, seed: int = 1) -> tuple[object, Path, Path]:
     """``(unet, format-5 path, current-format path)``: the mixed-precision PTQD recipe as format 5
     knew it (symmetric weights, MSE-searched scales, recipe version 1) calibrated once and written as
-    format 5 wrote it (no ``weight_zero_point`` fields, no ``weight_grid`` in the recipe), and the
+    format 5 wrote it (no ``weight_zero_point`` fields, no ``weight_grid``/``act_lsq_schedule`` in the recipe), and the
     same calibration saved by this qdcompile."""
     import qdcompile
     from qdcompile import QuantRecipe
@@ -55,7 +55,8 @@ def previous_format_file(folder: Path, seed: int = 1) -> tuple[object, Path, Pat
         assert entry.pop("weight_zero_point") is None
         for part in entry["split"] or ():
             assert part.pop("weight_zero_point") is None
-    header["recipe"].pop("weight_grid")
+    for field in ("weight_grid", "act_lsq_schedule"):   # recipe version 2 fields
+        header["recipe"].pop(field)
     header["recipe"]["version"] = 1
     file_meta["format_version"] = "5"
     return unet, write_parts(Path(folder) / "tiny.mixed-v5.qdiff", file_meta, header, tensors), current

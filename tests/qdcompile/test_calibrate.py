@@ -3,6 +3,7 @@ set (samples × steps, conditioning kept per sample), searched weight scales, an
 qdiffusion + split calibration end to end (file round trip, compiled model = simulation)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -40,15 +41,27 @@ def test_version_1_dicts_without_the_new_fields_still_load():
     r = QuantRecipe.from_dict(old)
     assert (r.method, r.split, r.weight_observer) == ("rtn", False, "minmax")
     # version 1 knew only symmetric weights: it reads as version 2 with weight_grid="symmetric"
-    q = QuantRecipe.from_dict({**{k: v for k, v in QuantRecipe.w4a8().to_dict().items() if k != "weight_grid"},
-                               "version": 1})
+    v1 = {k: v for k, v in QuantRecipe.w4a8().to_dict().items() if k not in ("weight_grid", "act_lsq_schedule")}
+    q = QuantRecipe.from_dict({**v1, "version": 1})
     assert (q.version, q.weight_grid) == (2, "symmetric") and not q.asymmetric_weights(4)
     with pytest.raises(ValueError, match=r"version 1 cannot have fields \['weight_grid'\]"):
-        QuantRecipe.from_dict({**QuantRecipe.w4a8().to_dict(), "version": 1})
+        QuantRecipe.from_dict({**v1, "weight_grid": "asymmetric", "version": 1})
+
+
+def test_version_1_recipes_read_with_constant_lsq_and_cannot_carry_version_2_fields():
+    d = {k: v for k, v in QuantRecipe.w4a4().to_dict().items() if k not in ("act_lsq_schedule", "weight_grid")}
+    r = QuantRecipe.from_dict({**d, "version": 1})
+    assert (r.version, r.act_lsq_schedule, r.weight_grid) == (2, "constant", "symmetric")
+    assert QuantRecipe.w4a4().to_dict()["act_lsq_schedule"] == "constant"
+    with pytest.raises(ValueError, match=r"version 1 cannot have fields \['act_lsq_schedule'\]"):
+        QuantRecipe.from_dict({**d, "act_lsq_schedule": "cosine", "version": 1})
+    with pytest.raises(ValueError, match="version 1 is not supported"):   # only stored recipes are migrated
+        QuantRecipe(act_observer="search", version=1)
 
 
 @pytest.mark.parametrize("bad,match", [
     ({"method": "brecq"}, "method must be one of"),
+    ({"act_lsq_schedule": "linear"}, "act_lsq_schedule must be one of"),
     ({"weight_observer": "hist"}, "weight_observer"),
     ({"split": 1}, "split must be True or False"),
     ({"split": True, "act_bits": None}, "split=True needs act_bits"),
@@ -191,6 +204,82 @@ def test_asymmetric_weight_quantizer_follows_methods():
         quantize_weight(w, s, 4, zero_point=z + 16)
     with pytest.raises(ValueError, match=r"zero point must be an integer tensor of shape \[6\]"):
         quantize_weight(w, s, 4, zero_point=z[:5])
+
+
+def test_searched_activation_range_beats_minmax_on_heavy_tails_and_tracks_bit_width():
+    from qdcompile.observers import search_act_range
+    from qdcompile.kernels.quantizers import act_qparams, fake_quantize_act
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20000, generator=g) * (0.5 + torch.rand(1, generator=g))   # a bulk plus rare large outliers
+    x[torch.randint(20000, (20,), generator=g)] *= 6.0
+
+    def err(rng, bits):
+        s, z = act_qparams(rng[0], rng[1], bits)
+        return float((fake_quantize_act(x, s, z, bits) - x).abs().pow(2.4).mean())
+
+    full = (float(x.min()), float(x.max()))
+    r4, r8 = search_act_range(x, 4), search_act_range(x, 8)
+    # the searched range is one of the candidates (min and max shrunk by the same ratio) …
+    ratio = r4[1] / full[1]
+    assert 0.21 - 1e-9 <= ratio <= 1.0 and abs(r4[0] - full[0] * ratio) < 1e-6 * abs(full[0])
+    # … no candidate scores better, and it clips much harder at 4 bits than at 8
+    assert all(err(r4, 4) <= err((full[0] * (1 - 0.01 * i), full[1] * (1 - 0.01 * i)), 4) + 1e-12 for i in range(80))
+    assert err(r4, 4) < 0.5 * err(full, 4)
+    assert r4[1] < r8[1] <= full[1]
+
+
+def test_search_observer_calibrates_each_layer_at_its_own_bit_width():
+    from qdcompile.calibration import _initial_records, collect_calibration_set, observe_ranges
+    from qdcompile.layers import conv_linear_layers
+
+    unet = tiny_unet2d()
+    calib = collect_calibration_set(unet, scheduler(), num_samples=2, num_inference_steps=4, progress=False)
+    layers = conv_linear_layers(unet)
+    names = list(layers)
+    recipe = QuantRecipe.w4a4(act_observer="search", method="rtn")
+    ranges = observe_ranges(unet, calib, names, recipe, progress=False)
+    minmax = observe_ranges(unet, calib, names, dataclasses.replace(recipe, act_observer="minmax"), progress=False)
+    assert set(ranges) == set(minmax)
+    a8 = observe_ranges(unet, calib, names, recipe, progress=False, act_bits=8)
+    shrunk = 0
+    for n in names:
+        (lo, hi), (mlo, mhi) = ranges[n], minmax[n]
+        assert mlo - 1e-6 <= lo <= hi <= mhi + 1e-6   # inside the observed range
+        if n in ("conv_in", "conv_out"):   # kept at 8 bit: searched at 8 bit
+            assert ranges[n] == a8[n]
+        shrunk += hi < 0.99 * mhi
+    assert shrunk >= len(names) // 2   # at A4 most layers clip
+    recs = _initial_records(layers, names, recipe, ranges, {}, {})
+    assert recs["conv_in"].act_bits == 8 and recs["down_blocks.0.resnets.0.conv1"].act_bits == 4
+
+
+def test_cosine_lsq_schedule_anneals_to_zero(monkeypatch):
+    from qdcompile import reconstruct as rc
+
+    lrs = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(16, 8, generator=g)
+    from qdcompile.calibration import quantize_layer
+    rec = quantize_layer(lin, "linear", 8, 4, (float(x.min()), float(x.max())))
+    for schedule in ("constant", "cosine"):
+        lrs.clear()
+        recipe = QuantRecipe(act_bits=4, method="qdiffusion", recon_iters=0, act_lsq_iters=10, act_lsq_lr=1e-2,
+                             recon_batch_size=4, act_lsq_schedule=schedule)
+        rc.reconstruct_block(lin, {"": rec}, rc.Captured.of(((x,), {})), rc.Captured.of(lin(x).detach()), recipe)
+        assert len(lrs) == 10
+        if schedule == "constant":
+            assert lrs == [1e-2] * 10
+        else:
+            assert lrs[0] == pytest.approx(1e-2) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-3
 
 
 # ---------------------------------------------------------------------------- end to end

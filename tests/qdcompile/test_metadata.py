@@ -269,13 +269,6 @@ def test_checksums_catch_any_edit(metadata_files, tmp_path):
         qdcompile.load_metadata(_rewrite(path, tmp_path, meta_fn=lambda m: m.pop("payload_sha256"), reseal=False))
 
 
-@pytest.fixture(scope="module")
-def previous_format(tmp_path_factory):
-    from metadata_files import previous_format_file
-
-    return previous_format_file(tmp_path_factory.mktemp("qdiff-v5"))
-
-
 def test_previous_format_files_still_load(previous_format):
     """A format-5 file (symmetric weights, recipe version 1 without weight_grid) loads with the
     symmetric grid and the same records as the current format's file of the same calibration."""

@@ -355,10 +355,11 @@ def test_sampler_space_corrections_run_in_the_scheduler_step(mixed):
     assert "after its x0 clipping" in q.format_plan(sched, 6)
 
 
-def test_metadata_noise_space_round_trip_and_older_files(mixed, tmp_path):
+def test_metadata_noise_space_round_trip_and_older_files(mixed, previous_format, tmp_path):
     import dataclasses
 
-    _, meta, path = mixed
+    _, meta, _ = mixed
+    path = previous_format[2]   # symmetric weights: a file older formats could have written
 
     def rewrite(fn, version):
         return _rewrite_header(path, tmp_path / f"edited-{version}.qdiff", fn, version)
@@ -490,12 +491,13 @@ def test_auto_noise_space_keeps_the_space_whose_checked_corrections_stay_closest
     assert got == "output" and record["delta"] == pytest.approx(-0.1) and record["corrections"]["output"] == "k+VSC"
 
 
-def test_correction_check_off_and_metadata_field(mixed, tmp_path):
+def test_correction_check_off_and_metadata_field(mixed, previous_format, tmp_path):
     import dataclasses
 
     from tests.tiny_models import scheduler
 
-    unet, meta, path = mixed
+    unet, meta, _ = mixed
+    path = previous_format[2]   # symmetric weights: a file older formats could have written
     off = calibrate(tiny_unet2d(seed=5), scheduler(), QuantRecipe.mixed(check_samples=0, **_FAST), num_samples=3,
                     num_inference_steps=6, progress=False, attach=False)
     assert off.corrections is None and "correction_check" not in off.calibration
