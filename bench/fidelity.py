@@ -8,10 +8,10 @@ same FP trajectories and sampled from the same seeds, so every difference is pai
 * **per-layer output error**: each quantized conv/linear fed its FP input (from the FP model on the
   recorded trajectories), relative squared error of its fake-quantized output against its FP output;
   per layer, and the paired mean of ``log10(after/before)`` over layers with its standard error;
-* **ε SNR_Q vs FP per step** (PTQD eq. 13, :func:`qdcompile.evaluate.step_snr`); the paired mean
+* **ε SNR_Q vs FP per step** (PTQD eq. 13, :func:`qdcompile.evaluation.trajectory.step_snr`); the paired mean
   over steps of ``after − before`` dB with its standard error;
 * **FID (builtin features) and PSNR vs FP**: ``--num-samples`` images per side from the same seeds;
-  ΔFID with the paired bootstrap interval (:func:`qdcompile.evaluate.paired_fid_delta`), per-image
+  ΔFID with the paired bootstrap interval (:func:`qdcompile.evaluation.fid.paired_fid_delta`), per-image
   PSNR vs FP with the paired mean change and standard error (:func:`qdcompile.ptqd.paired_change`).
 
     python bench/fidelity.py --preset w4a4 --before act_observer=minmax --after act_observer=search --tag search
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import math
 import sys
 import time
@@ -43,8 +42,13 @@ use_checkout()
 
 from qdcompile import QuantRecipe  # noqa: E402
 from qdcompile.calibration import calibrate  # noqa: E402
-from qdcompile.evaluate import (FeatureSpace, TrajectoryRecorder, paired_fid_delta, parse_recipe_set,  # noqa: E402
-                                psnr_db, real_cifar10_images, real_mnist_images, step_snr, summarize_snr)
+from qdcompile.commands.eval import parse_recipe_set  # noqa: E402
+from qdcompile.evaluation.fid import (FeatureSpace, paired_fid_delta, real_cifar10_images,  # noqa: E402
+                                      real_mnist_images)
+from qdcompile.evaluation.trajectory import step_snr, summarize_snr  # noqa: E402
+from qdcompile.io import atomic_write, write_json  # noqa: E402
+from qdcompile.metrics import psnr_db  # noqa: E402
+from qdcompile.trajectory import TrajectoryRecorder  # noqa: E402
 from qdcompile.models import load_model  # noqa: E402
 from qdcompile.ptqd import change_verdict, paired_change  # noqa: E402
 from qdcompile.sampling import sample  # noqa: E402
@@ -238,9 +242,9 @@ def main(argv=None) -> int:
     r = run(args)
     stem = Path(args.out_dir) / f"fidelity-{args.model}-{_dt.date.today():%Y%m%d}-{args.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))
+    write_json(stem.with_suffix(".json"), r, indent=1)
     md = markdown(r)
-    stem.with_suffix(".md").write_text(md)
+    atomic_write(stem.with_suffix(".md"), md)
     print(md.split("## Per-layer")[0])
     print(f"wrote {stem}.md / .json")
     return 0
