@@ -76,6 +76,21 @@ def _load(args, device: str, dtype):
     return pipe.unet, pipe.scheduler, {"encoder_hidden_states": prompt_embeddings(pipe, prompt)}, pipe
 
 
+PIPELINE_GUIDANCE = 7.5   # `sample --prompt`'s classifier-free guidance scale unless --guidance-scale
+
+
+def _guidance(args, pipe, default=None) -> dict:
+    """``calibrate`` arguments for classifier-free guidance with a text pipeline (``--prompt``):
+    the scale (``--guidance-scale``, else ``default``; none: unguided) and the empty prompt's
+    embeddings as the unconditional arguments."""
+    from .models import prompt_embeddings
+
+    g = args.guidance_scale if getattr(args, "guidance_scale", None) is not None else default
+    if pipe is None or g is None:
+        return {}
+    return {"guidance_scale": g, "uncond_kwargs": {"encoder_hidden_states": prompt_embeddings(pipe, "")}}
+
+
 @contextlib.contextmanager
 def _heartbeat(label: str, every: float = 15.0, quiet: bool = False):
     """Print ``label ... Ns`` every ``every`` seconds while the block runs (long compilations)."""
@@ -108,13 +123,15 @@ def cmd_calibrate(args) -> int:
     if args.checkpoint:
         check_writable(args.checkpoint, "--checkpoint")
     device = _device(args.device)
-    unet, scheduler, kwargs, _ = _load(args, device, _dtype(device))
+    if args.guidance_scale is not None and args.prompt is None:
+        raise ValueError("--guidance-scale applies to --prompt calibration of a Stable Diffusion pipeline folder")
+    unet, scheduler, kwargs, pipe = _load(args, device, _dtype(device))
     recipe = qdcompile.QuantRecipe.preset(args.recipe)
     with _say_resume():
         meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.num_samples,
                                    num_inference_steps=args.steps, num_calib_steps=args.calib_steps,
                                    batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                                   sample_kwargs=kwargs, checkpoint=args.checkpoint)
+                                   sample_kwargs=kwargs, checkpoint=args.checkpoint, **_guidance(args, pipe))
     path = meta.save(args.out)
     print(f"wrote {path} ({len(meta.layers)} layers quantized, {len(meta.fallbacks)} left in float)")
     from .pipeline import format_correction_check
@@ -195,7 +212,8 @@ def cmd_sample(args) -> int:
         print(f"calibrating {args.model} for {recipe.name} ({args.calib_samples} samples x {args.steps} steps)")
         meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.calib_samples,
                                    num_inference_steps=args.steps, seed=args.seed + 1, progress=not args.quiet,
-                                   sample_kwargs=kwargs, attach=False)
+                                   sample_kwargs=kwargs, attach=False,
+                                   **_guidance(args, pipe, default=PIPELINE_GUIDANCE))
         if args.save_metadata:
             print(f"wrote {meta.save(args.save_metadata)}")
     corrections = (Corrections.none() if args.no_correction else Corrections() if args.all_corrections and meta.noise
@@ -243,7 +261,7 @@ def _run_pipeline(pipe, args):
     import torch
 
     g = torch.Generator().manual_seed(args.seed)
-    guidance = 7.5 if args.guidance_scale is None else args.guidance_scale
+    guidance = PIPELINE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     return pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=guidance,
                 num_images_per_prompt=args.num_images, generator=g, eta=args.eta, output_type="pt").images.float().cpu()
 
@@ -400,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
     p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: calibrate on this prompt, "
                    "encoded by the pipeline's text encoder (needs transformers)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="with --prompt: calibrate for classifier-free guidance at this scale (the PTQD statistics and "
+                        "the mixed plan's SNR on the guided ε the sampler uses; unconditional half: the empty prompt)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="save progress here after every finished block; rerun the same command to resume")
     _common(p)
