@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -40,7 +41,7 @@ from .observers import QDIFF_NORM, QDIFF_RATIOS, CalibrationSet, observe_ranges
 from .ptqd import calibrate_noise
 from .recipe import QuantRecipe, layer_bits, matches
 from .reconstruct import reconstruct
-from .sampling import require_unet, sample
+from .sampling import GuidedUNet, require_unet, sample
 from .split import find_split_layers, quantize_split_layer
 
 logger = logging.getLogger(__name__)
@@ -249,16 +250,37 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
               num_inference_steps: int = 50, num_calib_steps: Optional[int] = None,
               samples_per_step: Optional[int] = None, batch_size: Optional[int] = None,
               sample_kwargs: Optional[dict[str, Any]] = None, seed: int = 0, progress: bool = True,
-              attach: bool = True, checkpoint: str | os.PathLike | None = None) -> QuantMetadata:
+              attach: bool = True, checkpoint: str | os.PathLike | None = None,
+              guidance_scale: Optional[float] = None,
+              uncond_kwargs: Optional[dict[str, Any]] = None) -> QuantMetadata:
     """Calibrate ``unet`` for ``recipe`` (default W8A8); return (and by default attach) the metadata.
 
     ``sample_kwargs`` are extra U-Net arguments used while sampling the calibration
     trajectory (e.g. ``encoder_hidden_states``); a batch of 1 is broadcast, a batch of
     ``num_samples`` gives each trajectory its own conditioning. ``checkpoint``: file to save
     the progress to and resume from (see the module docstring).
+
+    ``guidance_scale`` (conditional U-Nets sampled with classifier-free guidance): the
+    trajectories follow the guided ε ``ε_u + g·(ε_c − ε_u)`` (``uncond_kwargs``: the unconditional
+    arguments, e.g. the empty prompt's ``encoder_hidden_states``), the calibration set holds the
+    U-Net's inputs of both halves, and the PTQD statistics and the mixed-precision plan's SNR are
+    taken on the guided ε — the quantity the sampler's step uses, where the corrections then
+    apply. ``g`` is stored in ``meta.calibration["guidance_scale"]``.
     """
     recipe = recipe or QuantRecipe.w8a8()
     base = require_unet(unet, "calibrate")
+    sampler_model = base
+    if guidance_scale is not None:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"calibrate: guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not sample_kwargs or not uncond_kwargs:
+            raise ValueError("calibrate(guidance_scale=...) is for conditional U-Nets: pass the conditioning "
+                             "(sample_kwargs) and the unconditional arguments (uncond_kwargs, e.g. "
+                             "{'encoder_hidden_states': <the empty prompt's embeddings>})")
+        sampler_model = GuidedUNet(base, float(guidance_scale), uncond_kwargs)
+    elif uncond_kwargs:
+        raise ValueError("calibrate: uncond_kwargs is used only with guidance_scale")
     layers = conv_linear_layers(base)
     fallbacks: dict[str, str] = {}
     names = []
@@ -276,6 +298,8 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     facts = {"num_samples": num_samples, "num_inference_steps": num_inference_steps,
              "num_calib_steps": num_calib_steps, "samples_per_step": samples_per_step, "batch_size": batch_size,
              "seed": seed, "scheduler": type(scheduler).__name__, "sample_kwargs": sorted((sample_kwargs or {}).keys())}
+    if guidance_scale is not None:   # the sampler's ε the statistics describe (absent: the unguided U-Net output)
+        facts["guidance_scale"] = float(guidance_scale)
     ckpt = None
     if checkpoint is not None:
         ckpt = CalibrationCheckpoint(checkpoint, {
@@ -287,10 +311,12 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
         if ckpt is not None and ckpt.load():
             calib, splits, ranges = ckpt.calibration_set(), ckpt.state["splits"], ckpt.state["ranges"]
         else:
-            calib = collect_calibration_set(base, scheduler, num_samples=num_samples,
+            calib = collect_calibration_set(sampler_model, scheduler, num_samples=num_samples,
                                             num_inference_steps=num_inference_steps, num_calib_steps=num_calib_steps,
                                             samples_per_step=samples_per_step, batch_size=batch_size,
                                             sample_kwargs=sample_kwargs, seed=seed, progress=progress)
+            if guidance_scale is not None:
+                calib = _with_uncond(calib, uncond_kwargs)
             splits = {}
             if recipe.split:
                 x, t, kw = next(calib.batches(*_device_dtype(base)))
@@ -328,7 +354,7 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     if recipe.noise_correction or recipe.act_bits_mixed:
         base.eval()
         try:
-            calibrate_noise(base, scheduler, meta, calib, num_inference_steps=num_inference_steps,
+            calibrate_noise(sampler_model, scheduler, meta, calib, num_inference_steps=num_inference_steps,
                             batch_size=batch_size, sample_kwargs=sample_kwargs, seed=seed, progress=progress,
                             checkpoint=ckpt)
         finally:
@@ -337,6 +363,22 @@ def calibrate(unet, scheduler, recipe: QuantRecipe | None = None, *, num_samples
     if attach:
         attach_metadata(base, meta)
     return meta
+
+
+def _with_uncond(calib: CalibrationSet, uncond_kwargs: dict[str, Any]) -> CalibrationSet:
+    """The guided sampler's U-Net inputs: each entry once with its conditioning and once with the
+    unconditional arguments (both halves of the batched classifier-free-guidance call)."""
+    out = CalibrationSet()
+    for x, t, kw, i in zip(calib.x, calib.t, calib.kwargs, calib.step_indices):
+        n = x.shape[0]
+        un = {k: (v.detach().cpu().expand(n, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 else
+                  v.detach().cpu() if torch.is_tensor(v) else v) for k, v in uncond_kwargs.items()}
+        for k_ in (kw, un):
+            out.x.append(x)
+            out.t.append(t)
+            out.kwargs.append(dict(k_))
+            out.step_indices.append(i)
+    return out
 
 
 def _schedule_length(scheduler) -> Optional[int]:

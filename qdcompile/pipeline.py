@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -287,6 +289,10 @@ class QuantizedUNet(nn.Module):
                 where = " (k, bias: on the U-Net output)"
             elif clips_x0(unwrap_scheduler(scheduler)):
                 where = " (k, bias: in the scheduler step, after its x0 clipping)"
+            elif not _stats_after_clipping(self.meta):
+                g = self.meta.calibration.get("guidance_scale")
+                where = " (k, bias: in the scheduler step" + (f", on the guided ε, guidance scale {g:g})"
+                                                              if g is not None else ")")
             else:
                 where = (f" (k, bias: statistics taken after DDPM's x0 clipping, but {type(unwrap_scheduler(scheduler)).__name__}"
                          " does not clip: applied to the raw output; recalibrate with this scheduler)")
@@ -368,6 +374,12 @@ def format_plan_runs(plan: Sequence[Sequence[int]]) -> str:
     return "; ".join(f"steps {a}-{b} (t {ta}-{tb}) A{bits}" for a, b, ta, tb, bits in runs)
 
 
+def _stats_after_clipping(meta: QuantMetadata) -> bool:
+    """Whether the sampler-space statistics were taken after a scheduler's x0 clipping (metadata
+    written before this was recorded: yes, the only sampler space then)."""
+    return bool(meta.calibration.get("noise", {}).get("clipped", True))
+
+
 def unwrap_scheduler(scheduler):
     return scheduler.inner if isinstance(scheduler, CorrectedScheduler) else scheduler
 
@@ -416,7 +428,38 @@ class CorrectedScheduler:
     def set_timesteps(self, *args, **kwargs):
         out = self.inner.set_timesteps(*args, **kwargs)
         self.unet.follow_schedule(self.inner.timesteps)
+        self._check_guidance()
         return out
+
+    def _check_guidance(self) -> None:
+        """Warn (once per value) when the pipeline this scheduler serves (:func:`quantize_pipeline`)
+        samples with another classifier-free guidance scale than the PTQD statistics were
+        calibrated with (none recorded: the unguided U-Net output, i.e. scale 1)."""
+        ref = self.__dict__.get("pipeline_ref")
+        pipe = ref() if ref is not None else None
+        meta = self.unet.meta
+        if pipe is None or not meta.noise or not self.unet.corrections.any:
+            return
+        g = getattr(pipe, "_guidance_scale", None)
+        if g is None:
+            return
+        try:
+            cfg = bool(pipe.do_classifier_free_guidance)
+        except Exception:   # a pipeline without the property: diffusers' rule
+            cfg = float(g) > 1.0
+        used = float(g) if cfg else 1.0
+        calibrated = meta.calibration.get("guidance_scale")
+        cal = 1.0 if calibrated is None else float(calibrated)
+        warned = self.__dict__.setdefault("_warned_guidance", set())
+        if abs(used - cal) <= 1e-6 * max(1.0, abs(cal)) or used in warned:
+            return
+        warned.add(used)
+        what = (f"the guided ε at guidance scale {cal:g}" if calibrated is not None
+                else "the unguided U-Net output (calibrated without guidance_scale)")
+        warnings.warn(f"qdcompile: this pipeline samples with guidance_scale={used:g}, but the PTQD corrections were "
+                      f"estimated on {what}: they describe a different ε than the one the scheduler step corrects; "
+                      f"recalibrate with qdcompile.calibrate(..., guidance_scale={used:g}) (CLI: qdcompile calibrate "
+                      f"--guidance-scale {used:g})", UserWarning, stacklevel=3)
 
     def _step(self, model_output, timestep, sample, *args, **kwargs):
         try:
@@ -428,7 +471,8 @@ class CorrectedScheduler:
         t = self.unet.host_timestep(timestep)
         kind = scheduler_kind(self.inner)
         if self.unet.corrects_in_sampler and self.unet.affine_at(t) is not None:
-            if not clips_x0(self.inner) and not self.__dict__.get("_warned_space"):
+            if not clips_x0(self.inner) and _stats_after_clipping(self.unet.meta) \
+                    and not self.__dict__.get("_warned_space"):
                 logger.warning("the PTQD statistics were taken after x0 clipping, but this %s does not clip its x0 "
                                "prediction: corrections applied to the raw output (recalibrate with this scheduler)",
                                type(self.inner).__name__)
@@ -471,4 +515,6 @@ def quantize_pipeline(pipe, meta: QuantMetadata, *, backend: str = "qdiff", corr
                                                                                 corrections=corrections, mixed=mixed)
     pipe.unet = unet
     pipe.scheduler = unet.wrap_scheduler(pipe.scheduler)
+    # the scheduler reads the pipeline's guidance scale at each run's set_timesteps (see _check_guidance)
+    pipe.scheduler.__dict__["pipeline_ref"] = weakref.ref(pipe)
     return pipe

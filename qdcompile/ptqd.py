@@ -163,7 +163,9 @@ def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence
     def used(space, x, t, e):
         return e if space == "output" else effective_eps(scheduler, x, t, e)
 
-    p = next(unet.parameters())
+    from .sampling import unwrap
+
+    p = next(unwrap(unet).parameters())
     out: dict[str, dict[int, list[StepNoise]]] = {sp: {} for sp in spaces}
     for bits in precisions:
         view = meta.at_precision(bits)
@@ -272,7 +274,7 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
 
     def per_image(corr: Corrections) -> torch.Tensor:
         q = QuantizedUNet(unet, meta, backend="simulate", corrections=corr, mixed=mixed)
-        return (run(q, q.wrap_scheduler(scheduler)) - fp).pow(2).flatten(1).mean(1).double()
+        return (run(_guided_like(unet, q), q.wrap_scheduler(scheduler)) - fp).pow(2).flatten(1).mean(1).double()
 
     kept = Corrections.none()
     plan = QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections(), mixed=mixed).plan(
@@ -301,6 +303,13 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
     return {"samples": samples, "seed": seed, "steps": num_inference_steps, "z": CHECK_Z, "mse_vs_fp": mse,
             "changes": changes, "kept": {"correlated": kept.correlated, "bias": kept.bias, "variance": kept.variance},
             "kept_per_image": [float(v) for v in best]}
+
+
+def _guided_like(model, quantized):
+    """``quantized`` under the classifier-free guidance of ``model`` (a :class:`GuidedUNet`), if any."""
+    from .sampling import GuidedUNet
+
+    return model.rewrap(quantized) if isinstance(model, GuidedUNet) else quantized
 
 
 def choose_space(checks: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
@@ -365,11 +374,15 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
                                                      for b in recipe.act_bits_mixed}
     if recipe.noise_inputs == "quantized":   # the uncorrected quantized sampler's own trajectories
 
-        trajectory = record(QuantizedUNet(unet, meta, backend="simulate", corrections=Corrections.none(),
-                                          mixed=bool(meta.precision_plan)))
+        trajectory = record(_guided_like(unet, QuantizedUNet(unet, meta, backend="simulate",
+                                                             corrections=Corrections.none(),
+                                                             mixed=bool(meta.precision_plan))))
     # which ε the statistics describe: "auto" estimates both from the same U-Net evaluations and
     # lets the correction check pick; without x0 clipping the two are the same ε
-    if not clips_x0(scheduler) or recipe.noise_space == "output":
+    guided = getattr(unet, "guidance_scale", None) is not None
+    if guided and not clips_x0(scheduler):
+        spaces = ["sampler"]   # the guided ε, corrected where the scheduler's step receives it
+    elif not clips_x0(scheduler) or recipe.noise_space == "output":
         spaces = ["output"]
     elif recipe.noise_space == "sampler" or not recipe.check_samples:
         spaces = ["sampler"]   # "auto" without a check: the ε the step uses
@@ -393,7 +406,8 @@ def calibrate_noise(unet, scheduler, meta, calib, *, num_inference_steps: int, b
     meta.noise, meta.noise_space = stats[space], space
     meta.calibration["noise"] = {"samples": recipe.noise_samples, "seed": seed + 7919, "steps": num_inference_steps,
                                  "inputs": recipe.noise_inputs, "space": space, "spaces_estimated": spaces,
-                                 "scheduler": type(scheduler).__name__, "eps_channels": channels}
+                                 "scheduler": type(scheduler).__name__, "eps_channels": channels,
+                                 "clipped": clips_x0(scheduler)}
     if checks:
         meta.corrections = dict(checks[space]["kept"])
         meta.calibration["correction_check"] = checks[space]

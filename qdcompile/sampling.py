@@ -61,6 +61,59 @@ def batch_kwargs(sample_kwargs: Optional[dict[str, Any]], start: int, stop: int,
     return out
 
 
+class GuidedUNet(torch.nn.Module):
+    """Classifier-free guidance around a conditional U-Net: ``model(x, t, **cond)`` returns the
+    guided ε the sampler uses, ``ε_u + g·(ε_c − ε_u)``, from one batched call of ``unet`` on
+    ``[x, x]`` with ``[uncond, cond]`` (as diffusers' Stable Diffusion pipeline does).
+
+    ``uncond_kwargs``: the unconditional U-Net arguments (e.g. the empty prompt's
+    ``encoder_hidden_states``), batch 1 (broadcast) or the call's batch. ``unwrap`` gives the
+    U-Net inside, so simulation and attachment act on its layers."""
+
+    def __init__(self, unet: torch.nn.Module, guidance_scale: float, uncond_kwargs: dict[str, Any]):
+        super().__init__()
+        if not uncond_kwargs:
+            raise ValueError("classifier-free guidance needs the unconditional U-Net arguments (uncond_kwargs, e.g. "
+                             "{'encoder_hidden_states': <empty prompt's embeddings>})")
+        self.__dict__["inner"] = unet   # not a submodule: the U-Net stays the caller's
+        self.guidance_scale, self.uncond_kwargs = float(guidance_scale), dict(uncond_kwargs)
+
+    @property
+    def _orig_mod(self) -> torch.nn.Module:
+        return unwrap(self.inner)
+
+    @property
+    def config(self):
+        return self._orig_mod.config
+
+    def rewrap(self, unet: torch.nn.Module) -> "GuidedUNet":
+        """The same guidance around another model (e.g. the quantized sampler of this U-Net)."""
+        return GuidedUNet(unet, self.guidance_scale, self.uncond_kwargs)
+
+    def forward(self, sample: torch.Tensor, timestep, **cond):
+        n = sample.shape[0]
+        if set(cond) != set(self.uncond_kwargs):
+            raise ValueError(f"GuidedUNet: conditional arguments {sorted(cond)} and unconditional ones "
+                             f"{sorted(self.uncond_kwargs)} must name the same U-Net arguments")
+        both = {}
+        for k, c in cond.items():
+            u = self.uncond_kwargs[k]
+            if torch.is_tensor(c):
+                u = u.to(c.device, c.dtype)
+                u = u.expand(n, *u.shape[1:]) if u.shape[0] == 1 else u
+                c = c.expand(n, *c.shape[1:]) if c.shape[0] == 1 else c
+                both[k] = torch.cat([u, c])
+            else:
+                both[k] = c
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.dim() == 1 and t.numel() == n and n > 1:   # one time step per image: the same for both halves
+            t = torch.cat([t, t])
+        eps = call_unet(self.inner, torch.cat([sample, sample]), t.reshape(-1)[:1].reshape(()) if t.numel() == 1 else t,
+                        both)
+        e_u, e_c = eps.chunk(2)
+        return e_u + self.guidance_scale * (e_c - e_u)
+
+
 def call_unet(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = model(x, t.expand(x.shape[0]), **kwargs)
     return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)

@@ -259,3 +259,38 @@ def test_bench_options_cover_every_command_line_option(capsys, tmp_path):
     assert ours() == before and torch.get_num_threads() == threads
     assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["recipe"] == "w8a8"
     assert "mnist" in capsys.readouterr().out
+
+
+def test_fidelity_recipes_and_per_layer_errors():
+    """bench/fidelity.py: both sides get the shared budget; the per-layer error is the fake-quantized
+    layer's relative output error on its FP input."""
+    import importlib.util
+
+    from qdcompile.calibration import calibrate
+    from qdcompile.trajectory import TrajectoryRecorder
+    from qdcompile.sampling import sample
+    from qdcompile.simulate import dequantized_weight, fake_quant_input
+    from tiny_models import scheduler, tiny_unet2d
+
+    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
+    fid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid)
+    r = fid.build_recipe("w4a4", {"recon_iters": 7}, {"act_observer": "search"})
+    assert (r.name, r.weight_bits, r.act_bits, r.recon_iters, r.act_observer) == ("w4a4", 4, 4, 7, "search")
+
+    unet = tiny_unet2d()
+    meta = calibrate(unet, scheduler(), QuantRecipe.w4a4(), num_samples=2, num_inference_steps=3, progress=False,
+                     attach=False)
+    rec = TrajectoryRecorder(2)
+    sample(unet, scheduler(), num_images=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+           progress=False, callback=rec)
+    traj = rec.finish(unet)
+    errs = fid.layer_errors(unet, meta, traj)
+    assert set(errs) == set(meta.layers) and all(0 < e < 1 for e in errs.values())
+    x = torch.cat([s.x for s in traj.steps])   # conv_in sees the U-Net input itself
+    conv = unet.conv_in
+    with torch.no_grad():
+        y = conv(x)
+        yq = torch.nn.functional.conv2d(fake_quant_input(meta.layers["conv_in"], x),
+                                        dequantized_weight(meta.layers["conv_in"]), conv.bias, padding=conv.padding)
+    assert errs["conv_in"] == pytest.approx(float((yq - y).pow(2).sum() / y.pow(2).sum()), rel=1e-5)

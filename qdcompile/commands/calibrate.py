@@ -10,7 +10,7 @@ import qdcompile
 from ..devices import default_dtype, resolve_device
 from ..io import check_writable
 from ..pipeline import format_correction_check
-from .common import RECIPES, add_common_arguments, count, load_model_for
+from .common import RECIPES, add_common_arguments, count, guidance_arguments, load_model_for
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,6 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-embeds", default=None, help="conditional U-Nets: torch.save'd encoder_hidden_states")
     p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: calibrate on this prompt, "
                    "encoded by the pipeline's text encoder (needs transformers)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="with --prompt: calibrate for classifier-free guidance at this scale (the PTQD statistics and "
+                        "the mixed plan's SNR on the guided ε the sampler uses; unconditional half: the empty prompt)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="save progress here after every finished block; rerun the same command to resume")
     add_common_arguments(p)
@@ -38,14 +41,17 @@ def run(args) -> int:
     check_writable(args.out, "--out")
     if args.checkpoint:
         check_writable(args.checkpoint, "--checkpoint")
+    if args.guidance_scale is not None and args.prompt is None:
+        raise ValueError("--guidance-scale applies to --prompt calibration of a Stable Diffusion pipeline folder")
     device = resolve_device(args.device)
-    unet, scheduler, kwargs, _ = load_model_for(args, device, default_dtype(device))
+    unet, scheduler, kwargs, pipe = load_model_for(args, device, default_dtype(device))
     recipe = qdcompile.QuantRecipe.preset(args.recipe)
     with _say_resume():
         meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.num_samples,
                                    num_inference_steps=args.steps, num_calib_steps=args.calib_steps,
                                    batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                                   sample_kwargs=kwargs, checkpoint=args.checkpoint)
+                                   sample_kwargs=kwargs, checkpoint=args.checkpoint,
+                                   **guidance_arguments(args, pipe))
     path = meta.save(args.out)
     print(f"wrote {path} ({len(meta.layers)} layers quantized, {len(meta.fallbacks)} left in float)")
 

@@ -31,6 +31,19 @@ def load_model_for(args, device: str, dtype):
     return pipe.unet, pipe.scheduler, {"encoder_hidden_states": prompt_embeddings(pipe, prompt)}, pipe
 
 
+PIPELINE_GUIDANCE = 7.5   # `sample --prompt`'s classifier-free guidance scale unless --guidance-scale
+
+
+def guidance_arguments(args, pipe, default=None) -> dict:
+    """``calibrate`` arguments for classifier-free guidance with a text pipeline (``--prompt``):
+    the scale (``--guidance-scale``, else ``default``; none: unguided) and the empty prompt's
+    embeddings as the unconditional arguments."""
+    g = args.guidance_scale if getattr(args, "guidance_scale", None) is not None else default
+    if pipe is None or g is None:
+        return {}
+    return {"guidance_scale": g, "uncond_kwargs": {"encoder_hidden_states": prompt_embeddings(pipe, "")}}
+
+
 @contextlib.contextmanager
 def heartbeat(label: str, every: float = 15.0, quiet: bool = False):
     """Print ``label ... Ns`` every ``every`` seconds while the block runs (long compilations)."""

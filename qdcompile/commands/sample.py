@@ -16,7 +16,7 @@ from ..images import save_comparison_grid
 from ..io import atomic_write, check_writable
 from ..metrics import psnr_db
 from ..pipeline import Corrections, QuantizedUNet
-from .common import RECIPES, add_common_arguments, count, load_model_for
+from .common import PIPELINE_GUIDANCE, RECIPES, add_common_arguments, count, guidance_arguments, load_model_for
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="Stable Diffusion pipeline folders: run the diffusers pipeline "
                    "itself, quantized (text encoder, classifier-free guidance, VAE; needs transformers)")
     p.add_argument("--guidance-scale", type=float, default=None, help="with --prompt: classifier-free guidance scale "
-                   "(default 7.5)")
+                   f"(default {PIPELINE_GUIDANCE})")
     add_common_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -92,7 +92,8 @@ def run(args) -> int:
         print(f"calibrating {args.model} for {recipe.name} ({args.calib_samples} samples x {args.steps} steps)")
         meta = qdcompile.calibrate(unet, scheduler, recipe, num_samples=args.calib_samples,
                                    num_inference_steps=args.steps, seed=args.seed + 1, progress=not args.quiet,
-                                   sample_kwargs=kwargs, attach=False)
+                                   sample_kwargs=kwargs, attach=False,
+                                   **guidance_arguments(args, pipe, default=PIPELINE_GUIDANCE))
         if args.save_metadata:
             print(f"wrote {meta.save(args.save_metadata)}")
     corrections = (Corrections.none() if args.no_correction else Corrections() if args.all_corrections and meta.noise
@@ -134,6 +135,6 @@ def run(args) -> int:
 def _run_pipeline(pipe, args):
     """Images ``[N, 3, H, W]`` in [0, 1] of ``args.prompt`` from a text-to-image pipeline."""
     g = torch.Generator().manual_seed(args.seed)
-    guidance = 7.5 if args.guidance_scale is None else args.guidance_scale
+    guidance = PIPELINE_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     return pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=guidance,
                 num_images_per_prompt=args.num_images, generator=g, eta=args.eta, output_type="pt").images.float().cpu()

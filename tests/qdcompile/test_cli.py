@@ -121,8 +121,10 @@ def test_stable_diffusion_folder_with_a_prompt(tmp_path, capsys):
     tiny_sd_pipeline(tmp_path / "tok").save_pretrained(tmp_path / "sd")
     sd, meta, grid = str(tmp_path / "sd"), tmp_path / "sd.w8a8.qdiff", tmp_path / "sd.png"
     assert main(["calibrate", "--model", sd, "--prompt", "a photo of a cat", "--out", str(meta),
-                 "--num-samples", "2", "--steps", "3", "--quiet"]) == 0
-    assert meta.is_file()
+                 "--num-samples", "2", "--steps", "3", "--guidance-scale", "4", "--quiet"]) == 0
+    import qdcompile
+    cal = qdcompile.load_metadata(meta).calibration
+    assert cal["guidance_scale"] == 4.0 and cal["calib_set_size"] == 2 * 2 * 3   # both halves of each guided call
     capsys.readouterr()
     assert main(["sample", "--model", sd, "--metadata", str(meta), "--prompt", "a red house in the snow",
                  "--num-images", "2", "--steps", "3", "--guidance-scale", "4", "--scheduler", "ddim", "--eta", "0.5",
@@ -141,6 +143,9 @@ def test_stable_diffusion_folder_with_a_prompt(tmp_path, capsys):
                  "--quiet"]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["sample", "--model", "mnist", "--recipe", "w8a8", "--guidance-scale", "3", "--quiet"]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "mnist", "--guidance-scale", "3", "--out", str(tmp_path / "x.qdiff"),
+                 "--quiet"]) == 2
     assert "--prompt" in capsys.readouterr().err
 
 
