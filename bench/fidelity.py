@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipes = {k: build_recipe(args.preset, budget, v) for k, v in sides.items()}
     if recipes["before"] == recipes["after"]:
         raise SystemExit("--before and --after give the same recipe: nothing to compare")
+    differ = {k for k, v in recipes["before"].to_dict().items() if recipes["after"].to_dict()[k] != v}
+    if differ <= {"act_lsq_schedule", "act_lsq_iters", "act_lsq_lr"} and recipes["before"].method == "rtn":
+        raise SystemExit(f"--before and --after differ only in {sorted(differ)}, which method='rtn' does not use "
+                         "(no LSQ): add method=qdiffusion to --budget")
 
     def draw(model):
         return sample(model, scheduler, num_images=args.num_samples, num_inference_steps=args.steps,
