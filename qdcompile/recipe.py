@@ -241,18 +241,21 @@ class QuantRecipe:
     @classmethod
     def w4a8(cls, **overrides: Any) -> "QuantRecipe":
         """4-bit weights, 8-bit activations, Q-Diffusion: block reconstruction (AdaRound +
-        LSQ) on Q-Diffusion's grid (asymmetric 4-bit weights, ``weight_grid="auto"``) with its
-        clipping search (``"qdiff-mse"``), shortcut-split; first and last layers at 8 bit
-        (symmetric).
+        LSQ) on MSE-searched symmetric weight scales, shortcut-split; first and last layers at
+        8 bit.
 
-        ``w4a8(method="rtn", split=False)`` is the linear-quantization baseline (symmetric min-max
-        weight scales, round to nearest); ``w4a8(method="rtn")`` keeps the split.
+        Q-Diffusion's own weight grid is opt-in: ``w4a8(weight_grid="asymmetric",
+        weight_observer="qdiff-mse")`` (asymmetric 4-bit weights chosen by its |error|^2.4
+        search). It lowers per-layer error on the MNIST reference model but made the sampled
+        images worse end to end there (bench/results/fidelity-mnist-20261203-weight-grid-w4a8.md),
+        so it is not the default.
+
+        ``w4a8(method="rtn", split=False)`` is the linear-quantization baseline (min-max weight
+        scales, round to nearest); ``w4a8(method="rtn")`` keeps the split.
         """
         method = overrides.get("method", "qdiffusion")
-        qdiff = method == "qdiffusion"
         return cls(**{"name": "w4a8", "weight_bits": 4, "act_bits": 8, "method": method, "split": True,
-                      "weight_observer": "qdiff-mse" if qdiff else "minmax",
-                      "weight_grid": "auto" if qdiff else "symmetric",
+                      "weight_observer": "mse" if method == "qdiffusion" else "minmax",
                       "keep_8bit": ("conv_in", "conv_out"), **overrides})
 
     @classmethod

@@ -22,7 +22,7 @@ def recipe_of(kind: str):
 
     quick = {"recon_iters": 2, "act_lsq_iters": 1, "recon_batch_size": 2}
     return {"w8a8": lambda: QuantRecipe.w8a8(),
-            "w4a8-split": lambda: QuantRecipe.w4a8(**quick),
+            "w4a8-split": lambda: QuantRecipe.w4a8(**quick, weight_grid="asymmetric", weight_observer="qdiff-mse"),
             "mixed-ptqd": lambda: QuantRecipe.mixed(**quick, noise_samples=1, check_samples=0)}[kind]()
 
 

@@ -115,7 +115,7 @@ def _asym_records(block, args, act_bits):
     """Round-to-nearest records on Q-Diffusion's asymmetric grid (qdiff-mse), the 1x1 shortcut split."""
     from qdcompile.calibration import weight_grid_fn
 
-    grid = weight_grid_fn(QuantRecipe.w4a8())
+    grid = weight_grid_fn(QuantRecipe.w4a8(weight_grid="asymmetric", weight_observer="qdiff-mse"))
     recs = _rtn_records(block, args, 4, act_bits, split_shortcut=True)
     out = {}
     mods = dict(block.named_modules())
