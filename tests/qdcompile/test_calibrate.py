@@ -34,6 +34,9 @@ def test_presets_for_q_diffusion():
     assert (linear.method, linear.weight_observer, linear.split, linear.weight_grid) == \
         ("rtn", "minmax", False, "symmetric")
     assert QuantRecipe.w4a4().weight_grid == "symmetric" and QuantRecipe.w8a8().weight_grid == "symmetric"
+    # the measured activation-range choice: search at A4, min-max at A8 (no difference at W4A8)
+    assert QuantRecipe.w4a4().act_observer == "search"
+    assert QuantRecipe.w8a8().act_observer == QuantRecipe.w4a8().act_observer == "minmax"
     back = QuantRecipe.from_json(q.to_json())
     assert back == q and isinstance(back.adaround_beta, tuple) and isinstance(back.recon_units, tuple)
 
@@ -52,7 +55,7 @@ def test_version_1_dicts_without_the_new_fields_still_load():
 
 
 def test_version_1_recipes_read_with_constant_lsq_and_cannot_carry_version_2_fields():
-    d = {k: v for k, v in QuantRecipe.w4a4().to_dict().items() if k not in ("act_lsq_schedule", "weight_grid")}
+    d = {k: v for k, v in QuantRecipe.w8a8().to_dict().items() if k not in ("act_lsq_schedule", "weight_grid")}
     r = QuantRecipe.from_dict({**d, "version": 1})
     assert (r.version, r.act_lsq_schedule, r.weight_grid) == (2, "constant", "symmetric")
     assert QuantRecipe.w4a4().to_dict()["act_lsq_schedule"] == "constant"
@@ -160,7 +163,7 @@ def test_qdiff_mse_search_is_q_diffusions_and_beats_the_symmetric_grid():
     # skewed, heavy-tailed channels (an asymmetric grid pays off where min and max differ)
     w = torch.randn(24, 144, generator=g).pow(3) * torch.rand(24, 1, generator=g) + 0.3 * torch.rand(24, 1, generator=g)
     assert len(QDIFF_RATIOS) == 80 and QDIFF_RATIOS[0] == 1.0 and abs(QDIFF_RATIOS[-1] - 0.21) < 1e-12
-    recipe = QuantRecipe.w4a8()
+    recipe = QuantRecipe.w4a8(weight_grid="asymmetric", weight_observer="qdiff-mse")
     s, z = weight_grid_fn(recipe)(w, 4)
     assert s.dtype == torch.float32 and z.dtype == torch.int32 and s.shape == z.shape == (24,)
     assert int(z.min()) >= 0 and int(z.max()) <= 15
