@@ -351,14 +351,14 @@ def test_quantized_unet_checks_in_memory_statistics(metadata_files):
 
 
 def test_asymmetric_w4_records_round_trip(metadata_files, tmp_path):
-    """The W4A8 preset's file: 4-bit layers on the asymmetric grid (unsigned codes, a zero point per
+    """The W4A8 file on Q-Diffusion's grid (``weight_grid="asymmetric"``): 4-bit layers on the asymmetric grid (unsigned codes, a zero point per
     output channel, per split part), 8-bit layers symmetric; saving the loaded metadata again gives
     the same records, and the dequantized weights reproduce the float weights."""
     from qdcompile.simulate import dequantized_weight
 
     unet, path = metadata_files["w4a8-split"]
     meta = qdcompile.load_metadata(path)
-    assert meta.format_version == 6 and meta.recipe.weight_grid == "auto"
+    assert meta.format_version == 6 and meta.recipe.weight_grid == "asymmetric"
     modules = dict(unet.named_modules())
     for name, rec in meta.layers.items():
         assert rec.asymmetric == (rec.weight_bits == 4), name
