@@ -252,15 +252,18 @@ class _ProducerQuant:
 
 def _float_choice(node: fx.Node, op: str, x, weight: torch.Tensor, rec, producer_quant: bool,
                   capability) -> sm90_choice.Choice:
-    """The static float-vs-integer choice for one layer at its traced shape (compile time)."""
+    """The static float-vs-integer choice for one layer at its traced shape (compile time).
+    Asymmetric 4-bit layers run the int8 kernel (codes minus zero points, :func:`prepare_weight`),
+    so the model times them as 8-bit weights."""
+    bits = 8 if rec.asymmetric else rec.weight_bits
     if capability is None or capability[0] != 9:
-        return sm90_choice.decide(op, weight.shape, 0, rec.weight_bits, capability)
+        return sm90_choice.decide(op, weight.shape, 0, bits, capability)
     m = _rows(node, op)
     value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
     if m == 0 or value is None:
         return sm90_choice.Choice("int", "no traced shape for the sm_90 static model: integer kernel")
     act = value.numel() if op == "conv2d" else None
-    return sm90_choice.decide(op, weight.shape, m, rec.weight_bits, capability, act_elems=act,
+    return sm90_choice.decide(op, weight.shape, m, bits, capability, act_elems=act,
                               split=bool(rec.split), codes=producer_quant)
 
 

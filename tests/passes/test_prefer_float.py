@@ -141,3 +141,19 @@ def test_prefer_float_option_must_be_a_bool():
     with pytest.raises(Exception, match=r"options\['prefer_float'\] must be True or False"):
         _run(m, _x(), prefer_float="yes")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("asymmetric,bits", [(False, 4), (True, 8)])
+def test_asymmetric_w4_layers_are_timed_as_the_int8_kernel_they_run(monkeypatch, asymmetric, bits):
+    """Asymmetric 4-bit codes go to the device as int8 (codes minus zero points): the static model
+    must time the int8 kernel, not the packed int4 one."""
+    from types import SimpleNamespace
+
+    from qdcompile.passes.quantize_layers import _float_choice
+
+    seen = []
+    monkeypatch.setattr(sm90_choice, "decide", lambda op, shape, m, b, cap, **kw: seen.append(b) or
+                        sm90_choice.Choice("int", "recorded"))
+    rec = SimpleNamespace(weight_bits=4, asymmetric=asymmetric, split=None)
+    _float_choice(None, "linear", None, torch.randn(8, 16), rec, True, (8, 0))
+    assert seen == [bits]
