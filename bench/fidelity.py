@@ -139,12 +139,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          num_inference_steps=args.steps, num_calib_steps=args.calib_steps, seed=args.seed + 1,
                          progress=False, attach=False)
         calib_s = time.perf_counter() - t0
+        if args.save_metadata:
+            out["sides"].setdefault(side, {})["metadata_file"] = str(
+                meta.save(Path(args.save_metadata) / f"{args.model}-{args.tag}-{side}.qdiff"))
         layers[side] = layer_errors(unet, meta, trajectory)
         q = copy.deepcopy(unet)
         with simulate(q, meta):
             snr[side] = step_snr(trajectory, q, scheduler)
             samples[side] = draw(q)
-        out["sides"][side] = {"calibration_s": calib_s, **summarize_snr(snr[side]),
+        out["sides"][side] = {**out["sides"].get(side, {}), "calibration_s": calib_s, **summarize_snr(snr[side]),
                               "psnr_vs_fp_db": psnr_db(fp, samples[side]),
                               "snr_steps": [s.to_dict() for s in snr[side]], "layer_rel_error": layers[side]}
         print(f"{side}: calibrated in {calib_s:.1f}s, mean SNR_Q {out['sides'][side]['mean_snr_q_db']:.2f} dB, "
@@ -241,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-fid", dest="fid", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="run")
+    p.add_argument("--save-metadata", metavar="DIR", default=None,
+                   help="also write each side's metadata file here (for later per-layer analysis)")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     r = run(args)
