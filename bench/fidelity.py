@@ -16,6 +16,10 @@ same FP trajectories and sampled from the same seeds, so every difference is pai
 
     python bench/fidelity.py --preset w4a4 --before act_observer=minmax --after act_observer=search --tag search
 
+``--calib-seeds 1,2,3`` repeats the calibration of both sides once per seed (the FP trajectories and
+sampling seeds stay fixed) and adds each seed's change with a Student t interval over seeds: the
+paired intervals above cover the images drawn, not the calibration's own randomness.
+
 Writes ``bench/results/fidelity-<model>-<date>-<tag>.{md,json}``. Quantized models run as the
 fake-quant simulation (the same metadata the integer kernels run; see docs/METHODS.md).
 """
@@ -123,37 +127,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 generator=torch.Generator().manual_seed(args.seed), progress=False,
                 callback=recorder).float().cpu()
     trajectory = recorder.finish(unet)
+    seeds = args.calib_seeds or [args.seed + 1]
 
     out: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": args.model, "preset": args.preset,
         "budget": budget, "before": sides["before"], "after": sides["after"],
         "calibration": {"num_samples": args.calib_samples, "num_inference_steps": args.steps,
-                        "num_calib_steps": args.calib_steps, "seed": args.seed + 1},
-        "num_samples": args.num_samples, "steps": args.steps, "snr_samples": recorder.count,
-        "recipes": {k: r.to_dict() for k, r in recipes.items()}, "sides": {}}
-    samples, snr, layers = {}, {}, {}
-    for side, recipe in recipes.items():
-        t0 = time.perf_counter()
-        meta = calibrate(copy.deepcopy(unet), scheduler, recipe, num_samples=args.calib_samples,
-                         num_inference_steps=args.steps, num_calib_steps=args.calib_steps, seed=args.seed + 1,
-                         progress=False, attach=False)
-        calib_s = time.perf_counter() - t0
-        if args.save_metadata:
-            out["sides"].setdefault(side, {})["metadata_file"] = str(
-                meta.save(Path(args.save_metadata) / f"{args.model}-{args.tag}-{side}.qdiff"))
-        layers[side] = layer_errors(unet, meta, trajectory)
-        q = copy.deepcopy(unet)
-        with simulate(q, meta):
-            snr[side] = step_snr(trajectory, q, scheduler)
-            samples[side] = draw(q)
-        out["sides"][side] = {**out["sides"].get(side, {}), "calibration_s": calib_s, **summarize_snr(snr[side]),
-                              "psnr_vs_fp_db": psnr_db(fp, samples[side]),
-                              "snr_steps": [s.to_dict() for s in snr[side]], "layer_rel_error": layers[side]}
-        print(f"{side}: calibrated in {calib_s:.1f}s, mean SNR_Q {out['sides'][side]['mean_snr_q_db']:.2f} dB, "
-              f"PSNR vs FP {out['sides'][side]['psnr_vs_fp_db']:.2f} dB", flush=True)
+                        "num_calib_steps": args.calib_steps, "seed": seeds[0], "seeds": seeds},
+        "num_samples": args.num_samples, "steps": args.steps, "sampling_seed": args.seed,
+        "snr_samples": recorder.count, "recipes": {k: r.to_dict() for k, r in recipes.items()}, "replicates": []}
+    space = real_f = None
+    if args.fid:
+        real = real_mnist_images(args.real_samples) if args.model == "mnist" else real_cifar10_images()
+        if real is None:
+            out["fid_note"] = "no real image set for this model: FID skipped"
+        else:
+            space = FeatureSpace(real, extractor="mnist" if args.model == "mnist" else "cifar10", backend="builtin")
+            real_f = space.features(real)
+            out["fid_fp"] = space(fp)["fid"]
+            out["fid_features"] = space.describe()
+    try:
+        for seed in seeds:
+            rep = {"calibration_seed": seed, "sides": {}}
+            samples, snr, layers = {}, {}, {}
+            for side, recipe in recipes.items():
+                t0 = time.perf_counter()
+                meta = calibrate(copy.deepcopy(unet), scheduler, recipe, num_samples=args.calib_samples,
+                                 num_inference_steps=args.steps, num_calib_steps=args.calib_steps, seed=seed,
+                                 progress=False, attach=False)
+                calib_s = time.perf_counter() - t0
+                entry: dict[str, Any] = {}
+                if args.save_metadata:
+                    entry["metadata_file"] = str(meta.save(
+                        Path(args.save_metadata) / f"{args.model}-{args.tag}-{side}-calib{seed}.qdiff"))
+                layers[side] = layer_errors(unet, meta, trajectory)
+                q = copy.deepcopy(unet)
+                with simulate(q, meta):
+                    snr[side] = step_snr(trajectory, q, scheduler)
+                    samples[side] = draw(q)
+                rep["sides"][side] = {**entry, "calibration_s": calib_s, **summarize_snr(snr[side]),
+                                      "psnr_vs_fp_db": psnr_db(fp, samples[side]),
+                                      "snr_steps": [s.to_dict() for s in snr[side]], "layer_rel_error": layers[side]}
+                if space is not None:
+                    rep["sides"][side]["fid"] = space(samples[side])["fid"]
+                print(f"calibration seed {seed}, {side}: calibrated in {calib_s:.1f}s, mean SNR_Q "
+                      f"{rep['sides'][side]['mean_snr_q_db']:.2f} dB, PSNR vs FP "
+                      f"{rep['sides'][side]['psnr_vs_fp_db']:.2f} dB", flush=True)
+            rep["paired"] = paired_stats(layers, snr, samples, fp)
+            if space is not None:
+                rep["paired"]["fid"] = paired_fid_delta(space.features(samples["after"]),
+                                                        space.features(samples["before"]), real_f, seed=args.seed)
+            out["replicates"].append(rep)
+    finally:
+        if space is not None:
+            space.close()
+    # the first calibration seed's comparison keeps the single-run layout; the spread over seeds is separate
+    out["sides"], out["paired"] = out["replicates"][0]["sides"], out["replicates"][0]["paired"]
+    if len(seeds) > 1:
+        out["across_seeds"] = across_seeds(out["replicates"])
+    return out
 
-    # ---- paired comparisons (after − before)
+
+def paired_stats(layers, snr, samples, fp) -> dict[str, Any]:
+    """Paired after − before changes of one calibration seed: per-layer log error ratio, ε SNR_Q per
+    step, PSNR vs FP per image (each mean with its standard error and a 95% interval)."""
     names = sorted(set(layers["before"]) & set(layers["after"]))
     ratio = torch.tensor([math.log10(max(layers["after"][n], 1e-30) / max(layers["before"][n], 1e-30))
                           for n in names], dtype=torch.float64)
@@ -172,23 +210,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     d, se = paired_change(per_image["after"][finite], per_image["before"][finite])
     paired["psnr_vs_fp_db"] = {"mean": d, "se": se, "ci95": _interval(d, se), "images": int(finite.sum()),
                                "verdict_lower_is_worse": change_verdict(-d, se)}
-    if args.fid:
-        real = real_mnist_images(args.real_samples) if args.model == "mnist" else real_cifar10_images()
-        if real is None:
-            out["fid_note"] = "no real image set for this model: FID skipped"
-        else:
-            space = FeatureSpace(real, extractor="mnist" if args.model == "mnist" else "cifar10", backend="builtin")
-            try:
-                real_f = space.features(real)
-                feats = {k: space.features(v) for k, v in [("fp", fp), *samples.items()]}
-                for side in recipes:
-                    out["sides"][side]["fid"] = space(samples[side])["fid"]
-                out["fid_fp"] = space(fp)["fid"]
-                paired["fid"] = paired_fid_delta(feats["after"], feats["before"], real_f, seed=args.seed)
-                out["fid_features"] = space.describe()
-            finally:
-                space.close()
-    out["paired"] = paired
+    return paired
+
+
+# two-sided 95% Student t quantiles by degrees of freedom (1 … 10; larger → normal)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def across_seeds(replicates: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per metric, the after − before change of each calibration seed, their mean and a 95% Student t
+    interval over seeds: the spread a single calibration's paired interval does not show."""
+    out: dict[str, Any] = {}
+    for key in ("snr_q_db", "psnr_vs_fp_db", "fid", "layer_log10_error_ratio"):
+        if not all(key in r["paired"] for r in replicates):
+            continue
+        vals = torch.tensor([r["paired"][key].get("mean", r["paired"][key].get("delta")) for r in replicates],
+                            dtype=torch.float64)
+        n = vals.numel()
+        mean, se = float(vals.mean()), float(vals.std() / math.sqrt(n))
+        t = T95.get(n - 1, Z95)
+        out[key] = {"per_seed": vals.tolist(), "mean": mean, "se": se, "ci95": [mean - t * se, mean + t * se],
+                    "positive": int((vals > 0).sum()), "seeds": n}
     return out
 
 
@@ -217,6 +259,18 @@ def markdown(r: dict[str, Any]) -> str:
     lines.append(f"| per-layer output error, mean log10(after/before) | | | {_fmt_iv(lg)} "
                  f"(lower after in {lg['lower_after']}/{lg['layers']} layers) |")
     lines.append(f"| calibration s | {b['calibration_s']:.1f} | {a['calibration_s']:.1f} | |")
+    if "across_seeds" in r:
+        names = {"snr_q_db": "mean ε SNR_Q dB", "psnr_vs_fp_db": "PSNR vs FP dB", "fid": "FID (builtin)",
+                 "layer_log10_error_ratio": "per-layer error, mean log10(after/before)"}
+        seeds = r["calibration"]["seeds"]
+        lines += ["", f"## Across calibration seeds {seeds}", "",
+                  "Each seed calibrates both sides afresh (same FP trajectories, same sampling seeds); the table above "
+                  f"is seed {seeds[0]}. Interval: 95% Student t over seeds.", "",
+                  "| metric | after − before per seed | mean [95% CI] | seeds with after − before > 0 |",
+                  "|---|---|---|---|"]
+        for key, v in r["across_seeds"].items():
+            per = ", ".join(f"{x:+.3f}" for x in v["per_seed"])
+            lines.append(f"| {names[key]} | {per} | {_fmt_iv(v)} | {v['positive']}/{v['seeds']} |")
     lines += ["", "## Per-layer relative output error (FP input, fake-quantized layer)", "",
               "| layer | before | after |", "|---|---|---|"]
     for n in sorted(b["layer_rel_error"]):
@@ -242,7 +296,10 @@ def main(argv=None) -> int:
     p.add_argument("--snr-samples", type=int, default=8)
     p.add_argument("--real-samples", type=int, default=2000)
     p.add_argument("--no-fid", dest="fid", action="store_false")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (calibration: --calib-seeds, default seed+1)")
+    p.add_argument("--calib-seeds", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="S,S,...",
+                   help="calibrate both sides once per seed (same FP trajectories and sampling seeds) and report "
+                        "the change's spread over calibration seeds")
     p.add_argument("--tag", default="run")
     p.add_argument("--save-metadata", metavar="DIR", default=None,
                    help="also write each side's metadata file here (for later per-layer analysis)")

@@ -294,3 +294,27 @@ def test_fidelity_recipes_and_per_layer_errors():
         yq = torch.nn.functional.conv2d(fake_quant_input(meta.layers["conv_in"], x),
                                         dequantized_weight(meta.layers["conv_in"]), conv.bias, padding=conv.padding)
     assert errs["conv_in"] == pytest.approx(float((yq - y).pow(2).sum() / y.pow(2).sum()), rel=1e-5)
+
+
+def test_fidelity_across_calibration_seeds():
+    """bench/fidelity.py --calib-seeds: the spread of the paired change over calibration seeds is the
+    mean of the per-seed changes with a Student t interval (n − 1 degrees of freedom)."""
+    import importlib.util
+    import statistics
+
+    spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
+    fid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    vals = (torch.randn(4, 3, generator=gen, dtype=torch.float64)).tolist()   # 4 seeds x 3 metrics
+    reps = [{"paired": {"snr_q_db": {"mean": v[0]}, "psnr_vs_fp_db": {"mean": v[1]}, "fid": {"delta": v[2]}}}
+            for v in vals]
+    out = fid.across_seeds(reps)
+    assert set(out) == {"snr_q_db", "psnr_vs_fp_db", "fid"}       # metrics a replicate lacks are left out
+    for j, key in enumerate(("snr_q_db", "psnr_vs_fp_db", "fid")):
+        col = [v[j] for v in vals]
+        m, sd = statistics.fmean(col), statistics.stdev(col)
+        half = 3.182 * sd / 2.0                                      # t(0.975, 3) · s / sqrt(4)
+        assert out[key]["per_seed"] == col and out[key]["mean"] == pytest.approx(m)
+        assert out[key]["ci95"] == pytest.approx([m - half, m + half])
+        assert out[key]["positive"] == sum(c > 0 for c in col) and out[key]["seeds"] == 4
