@@ -81,6 +81,11 @@ def test_size_and_bops_by_hand():
     w4 = model_size(c, QuantRecipe.w4a8(), float_bytes=2, count_scales=False)
     assert w4.bytes["weights_q"] == 216 + 4 * (8 * 4) + 4 * 4
     assert w4.bytes["float_weights"] == 2 * 32 and w4.params["quantized_8bit"] == 216
+    # the asymmetric 4-bit grid adds one zero-point byte per output channel of each 4-bit layer (not conv_in)
+    sym, asym = (model_size(c, QuantRecipe.w4a8(weight_grid=g, weight_observer="qdiff-mse"))
+                 for g in ("symmetric", "asymmetric"))
+    assert asym.bytes["scales"] - sym.bytes["scales"] == 8 + 8 + 8 + 8 + 4
+    assert asym.bytes["weights_q"] == sym.bytes["weights_q"]
     macs_conv, macs_lin, macs_grouped = 16 * 8 * 27, 4 * 16 * 64 + 16 * 32, 16 * 8 * 4
     b = bops(c, QuantRecipe.w4a8())
     assert b["layers"] == macs_conv * 8 * 8 + macs_lin * 4 * 8 + macs_grouped * 32 * 32

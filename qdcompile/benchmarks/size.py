@@ -73,7 +73,9 @@ def model_size(c: Census, recipe=None, float_bytes: int = 4, count_scales: bool 
     * everything else — biases (also of quantized layers: the epilogue adds them in float),
       norms, embeddings, skipped or non-quantizable layers — ``float_bytes`` per parameter;
     * ``count_scales``: + per-output-channel weight scale (fp32) per quantized layer, and
-      its per-tensor activation scale (fp32) + zero point (int32). The kernels' weight row
+      its per-tensor activation scale (fp32) + zero point (int32), and on the asymmetric 4-bit
+      grid (``recipe.weight_grid``) a per-output-channel weight zero point (one byte: codes
+      0 … 15). The kernels' weight row
       sums (int32 per output channel) are reported apart as ``runtime_bytes``.
     * ``ops`` restricts quantization to these op kinds (torchao-style ``("linear",)``).
     """
@@ -96,6 +98,8 @@ def model_size(c: Census, recipe=None, float_bytes: int = 4, count_scales: bool 
         nbytes["weights_q"] += layer.out_channels * math.ceil(k * wb / 8)
         if count_scales:
             nbytes["scales"] += 4 * layer.out_channels + (8 if ab is not None else 0)
+            if recipe.asymmetric_weights(wb):
+                nbytes["scales"] += layer.out_channels
         runtime += 4 * layer.out_channels
     for role, n in c.other_params.items():
         params[role] = params.get(role, 0) + n
