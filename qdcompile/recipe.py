@@ -260,11 +260,15 @@ class QuantRecipe:
 
     @classmethod
     def w4a4(cls, **overrides: Any) -> "QuantRecipe":
-        """4-bit weights and activations; first and last layers at 8 bit; activation ranges by
-        Q-Diffusion's |error|^2.4 search (``act_observer="search"``: on the MNIST reference model
-        ε SNR_Q +2.9 dB and PSNR vs FP +2.2 dB over min-max, FID within noise;
-        bench/results/fidelity-mnist-20261203-activation-ranges.md)."""
+        """4-bit weights and activations, round to nearest; first and last layers at 8 bit.
+        Activation ranges by Q-Diffusion's |error|^2.4 search (``act_observer="search"``) and
+        4-bit weights on Q-Diffusion's asymmetric grid with its search (``weight_grid=
+        "asymmetric", weight_observer="qdiff-mse"``): each measured better than min-max /
+        the symmetric grid on the MNIST and CIFAR-10 reference models, paired over seeds
+        (bench/results/fidelity-20261203.md). Asymmetric codes run the int8 kernel on the
+        device (codes minus zero points)."""
         return cls(**{"name": "w4a4", "weight_bits": 4, "act_bits": 4, "act_observer": "search",
+                      "weight_grid": "asymmetric", "weight_observer": "qdiff-mse",
                       "keep_8bit": ("conv_in", "conv_out"), **overrides})
 
     @classmethod
