@@ -34,7 +34,7 @@ def test_presets_for_q_diffusion():
     assert (linear.method, linear.weight_observer, linear.split, linear.weight_grid) == \
         ("rtn", "minmax", False, "symmetric")
     assert QuantRecipe.w8a8().weight_grid == "symmetric"
-    # measured better at W4A4 (RTN) on both reference models over three calibration seeds: Q-Diffusion's grid
+    # the measured W4A4 (RTN) choice (bench/results/fidelity-20261203.md): Q-Diffusion's grid and its search
     w4a4 = QuantRecipe.w4a4()
     assert (w4a4.weight_grid, w4a4.weight_observer) == ("asymmetric", "qdiff-mse") and w4a4.asymmetric_weights(4)
     assert not w4a4.asymmetric_weights(8)                # conv_in / conv_out stay on the symmetric 8-bit grid
