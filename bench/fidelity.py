@@ -68,11 +68,11 @@ def build_recipe(preset: str, budget: dict[str, Any], side: dict[str, Any]) -> Q
 
 
 @torch.no_grad()
-def layer_errors(unet, meta, trajectory) -> dict[str, float]:
-    """Per quantized layer: ``||y_q − y||² / ||y||²`` summed over the trajectory, where ``y`` is the
-    layer's FP output on its FP input and ``y_q`` the fake-quantized layer's output on the same input."""
+def each_layer_output(unet, meta, trajectory, visit) -> None:
+    """Run the FP ``unet`` over the recorded trajectory; for every quantized layer call
+    ``visit(name, module, y_q, y)``: ``y`` the layer's FP output on its FP input, ``y_q`` the
+    fake-quantized layer's output on the same input (float32)."""
     modules = dict(unet.named_modules())
-    acc = {n: [0.0, 0.0] for n in meta.layers}
 
     def hook(name, rec):
         w_q = dequantized_weight(rec).float()
@@ -85,9 +85,7 @@ def layer_errors(unet, meta, trajectory) -> dict[str, float]:
                 yq = mod._conv_forward(xq, w_q.to(x.device), b)
             else:
                 yq = torch.nn.functional.linear(xq, w_q.to(x.device), b)
-            y = out.float()
-            acc[name][0] += float((yq - y).pow(2).sum())
-            acc[name][1] += float(y.pow(2).sum())
+            visit(name, mod, yq, out.float())
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n, r)) for n, r in meta.layers.items()]
@@ -97,6 +95,18 @@ def layer_errors(unet, meta, trajectory) -> dict[str, float]:
     finally:
         for h in handles:
             h.remove()
+
+
+def layer_errors(unet, meta, trajectory) -> dict[str, float]:
+    """Per quantized layer: ``||y_q − y||² / ||y||²`` summed over the trajectory, where ``y`` is the
+    layer's FP output on its FP input and ``y_q`` the fake-quantized layer's output on the same input."""
+    acc = {n: [0.0, 0.0] for n in meta.layers}
+
+    def visit(name, mod, yq, y):
+        acc[name][0] += float((yq - y).pow(2).sum())
+        acc[name][1] += float(y.pow(2).sum())
+
+    each_layer_output(unet, meta, trajectory, visit)
     return {n: (e / max(sig, 1e-30)) for n, (e, sig) in acc.items()}
 
 
@@ -281,6 +291,15 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out_dir: str, prefix: str, tag: str, result: dict[str, Any], md: str) -> Path:
+    """Write ``<out_dir>/<prefix>-<date>-<tag>.{json,md}`` atomically; return the common stem."""
+    stem = Path(out_dir) / f"{prefix}-{_dt.date.today():%Y%m%d}-{tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_json(stem.with_suffix(".json"), result, indent=1)
+    atomic_write(stem.with_suffix(".md"), md)
+    return stem
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mnist", choices=("mnist", "cifar10"))
@@ -306,11 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     r = run(args)
-    stem = Path(args.out_dir) / f"fidelity-{args.model}-{_dt.date.today():%Y%m%d}-{args.tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    write_json(stem.with_suffix(".json"), r, indent=1)
     md = markdown(r)
-    atomic_write(stem.with_suffix(".md"), md)
+    stem = write_results(args.out_dir, f"fidelity-{args.model}", args.tag, r, md)
     print(md.split("## Per-layer")[0])
     print(f"wrote {stem}.md / .json")
     return 0

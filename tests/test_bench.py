@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -323,3 +324,48 @@ def test_fidelity_across_calibration_seeds():
         assert out[key]["per_seed"] == col and out[key]["mean"] == pytest.approx(m)
         assert out[key]["ci95"] == pytest.approx([m - half, m + half])
         assert out[key]["positive"] == sum(c > 0 for c in col) and out[key]["seeds"] == 4
+
+
+def test_bias_probe_fold_removes_the_channel_mean_error():
+    """bench/bias_probe.py: the per-channel mean of a layer's output error, folded into its bias,
+    leaves no mean error on the data it was estimated from (first layer: its input does not move)."""
+    import importlib.util
+
+    from qdcompile.calibration import calibrate
+    from qdcompile.sampling import sample
+    from qdcompile.trajectory import TrajectoryRecorder
+    from tiny_models import scheduler, tiny_unet2d
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_bias_probe", ROOT / "bench" / "bias_probe.py")
+        probe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(probe)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    unet = tiny_unet2d()
+    meta = calibrate(unet, scheduler(), QuantRecipe.w4a4(), num_samples=2, num_inference_steps=3, progress=False,
+                     attach=False)
+    rec = TrajectoryRecorder(2)
+    sample(unet, scheduler(), num_images=2, num_inference_steps=3,
+           generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()))), progress=False,
+           callback=rec)
+    traj = rec.finish(unet)
+    before = probe.channel_mean_errors(unet, meta, traj)
+    assert set(before) == set(meta.layers)
+    assert before["conv_in"].shape == (unet.conv_in.out_channels,) and before["conv_in"].abs().max() > 0
+    fixed = copy.deepcopy(unet)
+    probe.fold_bias(fixed, before)
+    assert torch.allclose(fixed.conv_in.bias.double(), unet.conv_in.bias.double() - before["conv_in"], atol=1e-7)
+    # on conv_in (its input is the trajectory itself) the folded bias cancels the mean error exactly
+    from qdcompile.simulate import dequantized_weight, fake_quant_input
+    x = torch.cat([s.x for s in traj.steps])
+    rec_in, conv = meta.layers["conv_in"], unet.conv_in
+    with torch.no_grad():
+        y = conv(x).double()
+        err = {k: nn.functional.conv2d(fake_quant_input(rec_in, x), dequantized_weight(rec_in), b,
+                                       padding=conv.padding).double() - y
+               for k, b in (("plain", conv.bias), ("folded", fixed.conv_in.bias))}
+    mean = {k: e.mean(dim=(0, 2, 3)) for k, e in err.items()}
+    assert torch.allclose(mean["plain"], before["conv_in"], rtol=1e-4, atol=1e-7)
+    assert mean["folded"].abs().max() < 1e-3 * mean["plain"].abs().max()
