@@ -41,7 +41,7 @@ from .observers import CalibrationSet, observe_ranges
 from .pipeline import Corrections, QuantizedUNet
 from .recipe import matches
 from .reconstruct import reconstruct
-from .sampling import call_unet, sample
+from .sampling import GuidedUNet, call_unet, sample, unwrap
 from .simulate import simulate
 from .trajectory import TrajectoryRecorder
 
@@ -162,8 +162,6 @@ def noise_statistics(unet, meta, trajectory, channels: int, precisions: Sequence
 
     def used(space, x, t, e):
         return e if space == "output" else effective_eps(scheduler, x, t, e)
-
-    from .sampling import unwrap
 
     p = next(unwrap(unet).parameters())
     out: dict[str, dict[int, list[StepNoise]]] = {sp: {} for sp in spaces}
@@ -307,8 +305,6 @@ def check_corrections(unet, scheduler, meta, *, num_inference_steps: int, sample
 
 def _guided_like(model, quantized):
     """``quantized`` under the classifier-free guidance of ``model`` (a :class:`GuidedUNet`), if any."""
-    from .sampling import GuidedUNet
-
     return model.rewrap(quantized) if isinstance(model, GuidedUNet) else quantized
 
 

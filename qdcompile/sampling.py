@@ -105,11 +105,9 @@ class GuidedUNet(torch.nn.Module):
                 both[k] = torch.cat([u, c])
             else:
                 both[k] = c
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.dim() == 1 and t.numel() == n and n > 1:   # one time step per image: the same for both halves
-            t = torch.cat([t, t])
-        eps = call_unet(self.inner, torch.cat([sample, sample]), t.reshape(-1)[:1].reshape(()) if t.numel() == 1 else t,
-                        both)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        t = t[0] if t.numel() == 1 else torch.cat([t, t])   # per-image time steps: the same for both halves
+        eps = call_unet(self.inner, torch.cat([sample, sample]), t, both)
         e_u, e_c = eps.chunk(2)
         return e_u + self.guidance_scale * (e_c - e_u)
 
